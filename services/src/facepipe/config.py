@@ -1,0 +1,250 @@
+"""Options: every setting is a CLI flag and a ``FACEPIPE_<NAME>`` environment variable.
+
+Flags win over the environment, the environment over defaults. A bad or missing option raises
+:class:`ConfigError`, which :func:`run_main` turns into one line on stderr and exit status 2.
+Secrets are never options themselves: they are read from files, or from systemd's
+``$CREDENTIALS_DIRECTORY`` when the unit passes them with ``LoadCredential=``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from facepipe.contract import DEVICE_ID_RE, is_valid_device_id
+
+ENV_PREFIX = "FACEPIPE_"
+EXIT_CONFIG = 2
+
+
+class ConfigError(Exception):
+    """A bad or missing option; the message names the option and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: ``name`` gives the flag ``--name-with-dashes`` and ``FACEPIPE_NAME``."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Any = None
+    help: str = ""
+    required: bool = False
+    flag_only_value: str | None = None  # value of a bare flag (``--loop`` means ``true``)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def label(self) -> str:
+        return f"{self.flag} / {self.env}"
+
+
+# --- value parsers: raise ValueError with a short reason -------------------------------
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _number(kind: Callable[[str], Any], low: float | None, high: float | None) -> Callable:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a {kind.__name__}, got {text!r}") from None
+        if low is not None and value < low:
+            raise ValueError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise ValueError(f"must be <= {high}, got {value}")
+        return value
+
+    return parse
+
+
+def int_range(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    return _number(int, low, high)
+
+
+def float_range(low: float | None = None, high: float | None = None) -> Callable[[str], float]:
+    return _number(float, low, high)
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {text!r}")
+        return value
+
+    return parse
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def device_id(text: str) -> str:
+    value = text.strip()
+    if not is_valid_device_id(value):
+        raise ValueError(f"{value!r} does not match {DEVICE_ID_RE.pattern}")
+    return value
+
+
+def topic_prefix(text: str) -> str:
+    value = text.strip().strip("/")
+    if not value or any(c in value for c in "+#\0") or value.startswith("$"):
+        raise ValueError(f"{text!r} is not a plain topic prefix (no wildcards, not $...)")
+    return value
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text.strip())
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return path
+
+
+def default_hostname() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+# --- common options ---------------------------------------------------------------------
+
+LOGGING_OPTIONS: tuple[Option, ...] = (
+    Option("log_level", choice("debug", "info", "warning", "error"), "info", "log verbosity"),
+    Option("stats_interval", float_range(1), 60.0, "seconds between stats log lines"),
+    Option("metrics_port", int_range(0, 65535), 0, "Prometheus metrics port (0 = off)"),
+    Option("metrics_address", non_empty, "127.0.0.1", "address the metrics port binds to"),
+)
+
+MQTT_OPTIONS: tuple[Option, ...] = (
+    Option("mqtt_host", non_empty, "localhost", "MQTT broker host"),
+    Option("mqtt_port", int_range(1, 65535), 1883, "MQTT broker port"),
+    Option("mqtt_username", non_empty, None, "MQTT user name"),
+    Option(
+        "mqtt_password_file",
+        non_empty,
+        None,
+        "file holding the MQTT password ($CREDENTIALS_DIRECTORY/mqtt-password wins)",
+    ),
+    Option("mqtt_tls_ca", existing_file, None, "CA bundle: enables TLS with verification"),
+    Option("mqtt_client_id", non_empty, None, "MQTT client id"),
+    Option("mqtt_protocol", choice("5", "3.1.1"), "5", "MQTT protocol version"),
+    Option("mqtt_keepalive", int_range(5, 3600), 30, "MQTT keepalive in seconds"),
+    Option("topic_prefix", topic_prefix, "faces", "topic prefix: faces go to <prefix>/<device>"),
+    Option("qos", int_range(0, 1), 1, "MQTT QoS for face messages"),
+)
+
+
+# --- parsing ----------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def parse_options(
+    prog: str,
+    description: str,
+    options: Sequence[Option],
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> argparse.Namespace:
+    """Resolve every option from flags, then ``FACEPIPE_*`` variables, then defaults."""
+    env = os.environ if environ is None else environ
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        epilog="Every flag can also be set as FACEPIPE_<NAME> in the environment; flags win.",
+    )
+    for opt in options:
+        default_text = "" if opt.default is None else f" (default: {opt.default})"
+        parser.add_argument(
+            opt.flag,
+            dest=opt.name,
+            default=None,
+            nargs="?" if opt.flag_only_value is not None else None,
+            const=opt.flag_only_value,
+            metavar=opt.name.upper(),
+            help=f"{opt.help}{default_text} [env {opt.env}]",
+        )
+    raw = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    values: dict[str, Any] = {}
+    for opt in options:
+        text = getattr(raw, opt.name)
+        if text is None:
+            text = env.get(opt.env)
+            if text is not None and text.strip() == "" and opt.default is not None:
+                text = None  # an empty line in an EnvironmentFile means "use the default"
+        if text is None:
+            if opt.required and opt.default is None:
+                raise ConfigError(f"{opt.label} is required")
+            values[opt.name] = opt.default
+            continue
+        try:
+            values[opt.name] = opt.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{opt.label}: {exc}") from None
+    return argparse.Namespace(**values)
+
+
+def read_secret(
+    path: str | None,
+    credential: str,
+    label: str,
+    environ: Mapping[str, str] | None = None,
+) -> str | None:
+    """A secret from ``$CREDENTIALS_DIRECTORY/<credential>`` or else from ``path``.
+
+    Only the first line counts, without its line break. The value is never logged.
+    """
+    env = os.environ if environ is None else environ
+    candidates: list[Path] = []
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / credential).is_file():
+        candidates.append(Path(cred_dir) / credential)
+    if path:
+        candidates.append(Path(path))
+    if not candidates:
+        return None
+    source = candidates[0]
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read {source}: {exc.strerror}") from None
+    secret = text.splitlines()[0] if text else ""
+    if not secret:
+        raise ConfigError(f"{label}: {source} is empty")
+    return secret
+
+
+def run_main(prog: str, main: Callable[[], int]) -> NoReturn:
+    """Run a program's main; configuration errors become one line and exit status 2."""
+    try:
+        code = main()
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        code = EXIT_CONFIG
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
