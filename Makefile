@@ -1,0 +1,76 @@
+# facepipe — the two commands a newcomer needs are `make lab` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.installed
+SCENARIOS ?= broker default
+
+# Debian packages the controller needs: a broker for the unit tests, the lab's host builder and
+# network tools, and a browser to check the contact sheet.
+APT_PACKAGES := mosquitto mosquitto-clients debootstrap debian-archive-keyring systemd-container \
+	iproute2 nftables openssh-client rsync curl ca-certificates python3-venv chromium \
+	chromium-driver
+
+.PHONY: help deps venv lock lint unit molecule test lab lab-down bench clean
+
+help:
+	@echo "make lab       build the local lab (edge + cloud hosts, S3) and run facepipe end to end"
+	@echo "make lab-down  stop and remove the lab"
+	@echo "make test      all tests: lint, unit/integration (services), molecule scenarios"
+	@echo "make lint | unit | molecule | bench | deps | venv | lock"
+
+deps:  ## Debian packages (needs root; installs only what is missing)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): requirements/controller.txt services/pyproject.toml services/constraints.txt
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements/controller.txt
+	$(BIN)/pip install -q --no-deps -e services
+	touch $@
+
+venv: $(STAMP)
+
+lock: $(STAMP)  ## re-pin requirements/controller.txt from requirements/controller.in
+	cd requirements && ../$(BIN)/pip install -q -r controller.in
+	( echo "# Generated from requirements/controller.in by 'make lock'; do not edit by hand."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^-e ' ) > requirements/controller.txt
+
+lint: $(STAMP)
+	cd services && ../$(BIN)/ruff check . && ../$(BIN)/ruff format --check .
+	$(PY) scripts/check-argument-specs.py
+	$(BIN)/ansible-lint --profile production
+
+unit: deps $(STAMP)
+	cd services && ../$(BIN)/pytest -q
+
+molecule: deps $(STAMP)
+	$(PY) molecule/_lab/lab.py images
+	@for s in $(SCENARIOS); do \
+		echo "=== molecule test -s $$s"; \
+		PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/molecule test -s $$s || exit 1; \
+	done
+
+test: lint unit molecule
+
+lab: deps $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/lab-up
+
+lab-down:
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/lab-down
+
+bench: deps $(STAMP)
+	cd services && ../$(PY) bench/bench_detector.py && ../$(PY) bench/bench_writer.py
+
+clean:
+	rm -rf $(VENV) services/build services/dist .lab
