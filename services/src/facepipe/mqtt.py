@@ -101,8 +101,13 @@ class MqttSession:
         manual_ack: bool = False,
         max_inflight: int = 20,
         max_queued: int = 0,
+        receive_maximum: int | None = None,
     ) -> None:
         self.settings = settings
+        # MQTT v5 Receive Maximum: the broker sends at most this many unacknowledged QoS 1
+        # messages, so with manual_ack a busy consumer gets back-pressure without ever
+        # blocking paho's network thread (which would starve keepalive, paho #328).
+        self.receive_maximum = receive_maximum
         self.durable = durable
         self.subscriptions = list(subscriptions)
         self._on_message_handler = on_message
@@ -143,6 +148,8 @@ class MqttSession:
             if self.durable:
                 properties.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
                 extra["clean_start"] = False
+            if self.receive_maximum is not None:
+                properties.ReceiveMaximum = self.receive_maximum
             extra["properties"] = properties
         log.info("connecting to %s", self.settings.describe())
         self.client.connect_async(
