@@ -1,0 +1,284 @@
+"""face-writer against a real mosquitto and a real (moto) S3 endpoint."""
+
+from __future__ import annotations
+
+import getpass
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from conftest import Broker, program_env, start_program, wait_for
+from paho.mqtt.enums import CallbackAPIVersion
+from writer_helpers import Publisher, final_counter, jpeg_bytes, log_text, make_face
+
+from facepipe import config, contract
+
+
+def writer_env(mosquitto, s3, **extra: str) -> dict[str, str]:
+    return program_env(
+        mosquitto.env,
+        s3.env,
+        {"FACEPIPE_MQTT_CLIENT_ID": f"w-{uuid.uuid4().hex[:8]}", "FACEPIPE_WORKERS": "4"},
+        extra,
+    )
+
+
+def start_writer(env: dict[str, str], log: Path) -> subprocess.Popen:
+    before = log_text(log).count("subscribed to")
+    proc = start_program("writer", env, log=log)
+    wait_for(
+        lambda: log_text(log).count("subscribed to") > before or proc.poll() is not None,
+        15,
+        "the writer to subscribe",
+    )
+    assert proc.poll() is None, log_text(log)
+    return proc
+
+
+def stop_writer(proc: subprocess.Popen, timeout: float = 20) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout)
+
+
+def face_keys(s3) -> list[str]:
+    return [k for k in s3.keys("faces/") if k.endswith(".jpg")]
+
+
+def face_ids(keys: list[str]) -> list[str]:
+    return [k.rsplit("_", 1)[1].removesuffix(".jpg") for k in keys]
+
+
+@pytest.fixture
+def publisher(mosquitto):
+    pub = Publisher(mosquitto.host, mosquitto.port)
+    yield pub
+    pub.close()
+
+
+def test_stores_faces_with_keys_content_type_and_metadata(mosquitto, s3, publisher, tmp_path):
+    log = tmp_path / "writer.log"
+    proc = start_writer(writer_env(mosquitto, s3), log)
+    faces = [make_face("cam-1", i) for i in range(5)] + [make_face("cam.2", 100)]
+    publisher.publish_all([(contract.face_topic("faces", m.device_id), p) for m, p in faces])
+    wait_for(lambda: len(face_keys(s3)) == 6, 20, "6 stored faces")
+    for meta, payload in faces:
+        key = contract.face_key("faces", meta)
+        obj = s3.client.get_object(Bucket=s3.bucket, Key=key)
+        assert obj["ContentType"] == "image/jpeg"
+        assert obj["Metadata"] == contract.s3_metadata(meta)
+        assert obj["Body"].read() == payload
+    assert key.startswith("faces/cam.2/2026/11/25/220003.700_")
+    assert stop_writer(proc) == 0
+    assert final_counter(log, "stored") == 6
+    assert "Traceback" not in log_text(log)
+
+
+def test_sigkill_mid_stream_then_restart_loses_nothing(mosquitto, s3, publisher, tmp_path):
+    log = tmp_path / "writer.log"
+    env = writer_env(mosquitto, s3)
+    proc = start_writer(env, log)
+    faces = [make_face("cam-1", i) for i in range(200)]
+    infos = [publisher.publish("faces/cam-1", p) for _, p in faces]
+    wait_for(lambda: len(face_keys(s3)) >= 50, 30, "50 stored faces")
+    proc.kill()
+    proc.wait(10)
+    stored_at_kill = len(face_keys(s3))
+    for info in infos:  # everything reached the broker (some while the writer was dead)
+        info.wait_for_publish(10)
+    proc = start_writer(env, log)
+    wait_for(lambda: len(face_keys(s3)) >= 200, 40, "all 200 faces after the restart")
+    keys = face_keys(s3)
+    ids = face_ids(keys)
+    assert len(keys) == 200 and len(set(ids)) == 200, (stored_at_kill, len(keys))
+    assert set(ids) == {m.face_id for m, _ in faces}
+    assert stop_writer(proc) == 0
+
+
+def test_s3_down_then_back_loses_nothing_and_writer_stays_up(mosquitto, s3, publisher, tmp_path):
+    log = tmp_path / "writer.log"
+    proc = start_writer(writer_env(mosquitto, s3), log)
+    first = make_face("cam-1", 0)
+    publisher.publish_all([("faces/cam-1", first[1])])
+    wait_for(lambda: len(face_keys(s3)) == 1, 15, "first face")
+    s3.stop()
+    try:
+        faces = [make_face("cam-1", i) for i in range(1, 41)]
+        publisher.publish_all([("faces/cam-1", p) for _, p in faces])
+        wait_for(lambda: "retrying with backoff" in log_text(log), 20, "the S3 outage logged")
+        time.sleep(2)
+        assert proc.poll() is None, "writer exited while S3 was down"
+    finally:
+        s3.start()
+    wait_for(lambda: len(face_keys(s3)) == 41, 60, "all 41 faces after S3 came back")
+    assert "storing again" in log_text(log)
+    assert log_text(log).count("retrying with backoff") <= 3, "S3 outage logged per retry"
+    assert stop_writer(proc) == 0
+    assert final_counter(log, "retries") > 0
+
+
+def _bad_messages(big: bytes) -> list[tuple[str, bytes, str]]:
+    jpeg = jpeg_bytes(1)
+    _, good = make_face("cam-1", 1)
+    com_not_json = jpeg[:2] + b"\xff\xfe\x00\x07hello" + jpeg[2:]
+    missing = jpeg[:2] + b'\xff\xfe\x00\x12{"face_id":"x1"}' + jpeg[2:]
+    return [
+        ("faces/cam-1", b"", contract.Reason.EMPTY),
+        ("faces/cam-1", b"GIF89a not a jpeg at all", contract.Reason.NOT_JPEG),
+        ("faces/cam-1", jpeg, contract.Reason.NO_METADATA),
+        ("faces/cam-1", com_not_json, contract.Reason.BAD_METADATA),
+        ("faces/cam-1", missing, contract.Reason.BAD_METADATA),
+        ("faces/cam-1", big, contract.Reason.TOO_LARGE),
+        ("faces/bad id", good, contract.Reason.BAD_TOPIC),
+        ("faces/cam-2", good, contract.Reason.DEVICE_MISMATCH),
+    ]
+
+
+def test_bad_messages_are_set_aside_and_good_ones_still_stored(mosquitto, s3, publisher, tmp_path):
+    log = tmp_path / "writer.log"
+    proc = start_writer(writer_env(mosquitto, s3, FACEPIPE_MAX_BYTES="50000"), log)
+    big = make_face("cam-1", 3, jpeg=jpeg_bytes(3, size=300, noise=True))[1]
+    assert len(big) > 50000
+    bad = _bad_messages(big)
+    publisher.publish_all([(topic, payload) for topic, payload, _ in bad])
+    meta, good = make_face("cam-1", 42)
+    publisher.publish_all([("faces/cam-1", good)])
+    wait_for(lambda: len(face_keys(s3)) == 1, 20, "the good face after the bad ones")
+    rejected = wait_for(
+        lambda: (keys := s3.keys("rejected/")) and len(keys) == len(bad) and keys,
+        20,
+        f"{len(bad)} rejected objects",
+    )
+    seen = []
+    for key in rejected:
+        assert key.endswith(".bin")
+        head = s3.client.head_object(Bucket=s3.bucket, Key=key)
+        seen.append((head["Metadata"]["topic"], head["Metadata"]["reason"]))
+    assert sorted(seen) == sorted((topic, reason) for topic, _, reason in bad)
+    assert face_keys(s3) == [contract.face_key("faces", meta)]
+    assert proc.poll() is None
+    assert stop_writer(proc) == 0
+    assert final_counter(log, "rejected") == len(bad)
+    assert final_counter(log, "rejected_bad_metadata") == 2
+    assert "Traceback" not in log_text(log)
+
+
+def test_two_writers_share_the_load_and_store_everything_once(mosquitto, s3, publisher, tmp_path):
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [start_writer(writer_env(mosquitto, s3), log) for log in logs]
+    faces = [make_face(f"cam-{i % 3}", i) for i in range(200)]
+    publisher.publish_all([(f"faces/{m.device_id}", p) for m, p in faces])
+    wait_for(lambda: len(face_keys(s3)) >= 200, 40, "200 faces")
+    assert sorted(face_ids(face_keys(s3))) == sorted(m.face_id for m, _ in faces)
+    assert [stop_writer(p) for p in procs] == [0, 0]
+    stored = [final_counter(log, "stored") for log in logs]
+    assert sum(stored) == 200 and min(stored) > 0, stored
+
+
+def test_sigterm_finishes_in_flight_uploads_and_exits_0(mosquitto, s3, publisher, tmp_path):
+    log = tmp_path / "writer.log"
+    env = writer_env(mosquitto, s3)
+    proc = start_writer(env, log)
+    faces = [make_face("cam-1", i) for i in range(300)]
+    for _, payload in faces:
+        publisher.publish("faces/cam-1", payload)
+    wait_for(lambda: "received=" in log_text(log) or face_keys(s3), 20, "first faces")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    text = log_text(log)
+    assert "finishing" in text and "left unacknowledged" not in text
+    assert final_counter(log, "stored") == final_counter(log, "acked")
+    assert final_counter(log, "in_flight") == 0
+    # Whatever was not taken before the stop is still queued for this durable session.
+    proc = start_writer(env, log)
+    wait_for(lambda: len(face_keys(s3)) == 300, 40, "all 300 faces after the restart")
+    assert stop_writer(proc) == 0
+
+
+class PasswordBroker(Broker):
+    def config(self):
+        passwd = self.workdir / "passwd"
+        subprocess.run(
+            ["mosquitto_passwd", "-b", "-c", str(passwd), "face-writer", "s3cret pass"],
+            check=True,
+        )
+        passwd.chmod(0o600)
+        conf = super().config()
+        text = conf.read_text().replace("allow_anonymous true", "allow_anonymous false")
+        # As root, mosquitto drops to user "mosquitto", who cannot read pytest's 0700 tmp dirs.
+        conf.write_text(text + f"password_file {passwd}\nuser {getpass.getuser()}\n")
+        return conf
+
+
+def test_password_from_credentials_directory(s3, tmp_path):
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    broker = PasswordBroker(workdir)
+    broker.start()
+    try:
+        creds = tmp_path / "creds"
+        creds.mkdir()
+        (creds / "mqtt-password").write_text("s3cret pass\n")
+        log = tmp_path / "writer.log"
+        env = writer_env(
+            broker, s3, FACEPIPE_MQTT_USERNAME="face-writer", CREDENTIALS_DIRECTORY=str(creds)
+        )
+        proc = start_writer(env, log)
+        # the publisher needs credentials too: it reuses the writer's account
+        client = paho.Client(CallbackAPIVersion.VERSION2)
+        client.username_pw_set("face-writer", "s3cret pass")
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        meta, payload = make_face("cam-1", 7)
+        client.publish("faces/cam-1", payload, qos=1).wait_for_publish(10)
+        client.disconnect()
+        client.loop_stop()
+        wait_for(lambda: face_keys(s3) == [contract.face_key("faces", meta)], 15, "stored face")
+        assert stop_writer(proc) == 0
+        assert "s3cret" not in log_text(log)
+    finally:
+        broker.stop()
+
+
+def test_read_secret_prefers_credentials_directory(tmp_path):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text("from-systemd\n")
+    other = tmp_path / "pw"
+    other.write_text("from-file\n")
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    assert config.read_secret(str(other), "mqtt-password", "x", env) == "from-systemd"
+    assert config.read_secret(str(other), "mqtt-password", "x", {}) == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"FACEPIPE_S3_BUCKET": ""}, "FACEPIPE_S3_BUCKET is required"),
+        ({"FACEPIPE_QOS": "0"}, "FACEPIPE_QOS"),
+        ({"FACEPIPE_MQTT_PORT": "99999"}, "FACEPIPE_MQTT_PORT"),
+        ({"FACEPIPE_MQTT_PASSWORD_FILE": "/nonexistent/pw"}, "FACEPIPE_MQTT_PASSWORD_FILE"),
+        ({"FACEPIPE_WORKERS": "zero"}, "FACEPIPE_WORKERS"),
+    ],
+    ids=["missing-bucket", "qos0", "bad-port", "unreadable-password", "bad-workers"],
+)
+def test_config_errors_exit_2_with_one_line(env, needle):
+    full = program_env({"FACEPIPE_S3_BUCKET": "b"}, env)
+    if env.get("FACEPIPE_S3_BUCKET") == "":
+        del full["FACEPIPE_S3_BUCKET"]
+    done = subprocess.run(
+        [sys.executable, "-m", "facepipe.writer"],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("face-writer: error:") and needle in lines[0]
