@@ -1,0 +1,721 @@
+#!/usr/bin/env python3
+"""facepipe offline test lab: real systemd hosts without an image registry.
+
+Base root filesystems are built once per Debian release with debootstrap and
+cached under /var/cache/facepipe-lab/<release>/rootfs.  A lab is a Linux
+bridge with NAT (nftables table ``inet fplab_<lab>``) and, per host, a copy of
+a base image booted with ``systemd-nspawn -b`` inside its own network
+namespace, attached to the bridge by a veth pair.  Ansible reaches the hosts
+over SSH as root with a key generated per lab.
+
+Run as root.  Python standard library only.  See README.md next to this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+CACHE_DIR = Path(os.environ.get("FACEPIPE_LAB_CACHE", "/var/cache/facepipe-lab"))
+STATE_DIR = Path(os.environ.get("FACEPIPE_LAB_STATE", "/var/lib/facepipe-lab"))
+MIRROR = os.environ.get("FACEPIPE_LAB_MIRROR", "http://deb.debian.org/debian")
+SECURITY_MIRROR = os.environ.get("FACEPIPE_LAB_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
+RELEASES = ("bookworm", "trixie")
+IMAGE_MAX_AGE = 7 * 24 * 3600
+IMAGE_FORMAT = 1  # bump when the image recipe changes: cached images get rebuilt
+PACKAGES = [
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "python3",
+    "python3-apt",
+    "ca-certificates",
+    "iproute2",
+    "iputils-ping",
+    "netbase",
+    "procps",
+    "sudo",
+    "curl",
+]
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
+HOST_FIRST_OCTET = 11
+SSH_OPTS = [
+    "-o", "StrictHostKeyChecking=no",
+    "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "LogLevel=ERROR",
+    "-o", "IdentitiesOnly=yes",
+    "-o", "BatchMode=yes",
+    "-o", "ConnectTimeout=5",
+]
+
+
+def log(msg: str) -> None:
+    print(f"lab: {msg}", file=sys.stderr, flush=True)
+
+
+def die(msg: str, code: int = 1) -> None:
+    log(f"error: {msg}")
+    sys.exit(code)
+
+
+def run(cmd: list[str], check: bool = True, capture: bool = False, **kw) -> subprocess.CompletedProcess:
+    kwargs = {"text": True}
+    if capture:
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kwargs.update(kw)
+    proc = subprocess.run(cmd, check=False, **kwargs)
+    if check and proc.returncode != 0:
+        err = (proc.stderr or "").strip() if capture else ""
+        die(f"command failed ({proc.returncode}): {' '.join(cmd)} {err}")
+    return proc
+
+
+def ok(cmd: list[str]) -> bool:
+    return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False).returncode == 0
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- images
+
+
+def image_root(release: str) -> Path:
+    return CACHE_DIR / release / "rootfs"
+
+
+def image_stamp(release: str) -> dict | None:
+    try:
+        return json.loads((CACHE_DIR / release / "stamp.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def image_fresh(release: str) -> bool:
+    stamp = image_stamp(release)
+    return bool(
+        stamp
+        and stamp.get("format") == IMAGE_FORMAT
+        and time.time() - stamp.get("built", 0) < IMAGE_MAX_AGE
+        and image_root(release).joinpath("usr/lib/systemd/systemd").exists()
+    )
+
+
+def sources_deb822(release: str) -> str:
+    keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    return (
+        f"Types: deb\nURIs: {MIRROR}\nSuites: {release} {release}-updates\n"
+        f"Components: main\nSigned-By: {keyring}\n\n"
+        f"Types: deb\nURIs: {SECURITY_MIRROR}\nSuites: {release}-security\n"
+        f"Components: main\nSigned-By: {keyring}\n"
+    )
+
+
+def build_image(release: str) -> None:
+    dest = CACHE_DIR / release
+    tmp = CACHE_DIR / f".{release}.build-{os.getpid()}"
+    old = CACHE_DIR / f".{release}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    root = tmp / "rootfs"
+    root.mkdir(parents=True)
+    started = time.monotonic()
+    log(f"debootstrap {release} into {root}")
+    run([
+        "debootstrap", "--variant=minbase", "--components=main",
+        "--include=" + ",".join(PACKAGES), release, str(root), MIRROR,
+    ], stdout=sys.stderr)
+    # apt sources: the release, its updates and security (no backports: roles add what they need)
+    (root / "etc/apt/sources.list").unlink(missing_ok=True)
+    (root / "etc/apt/sources.list.d").mkdir(parents=True, exist_ok=True)
+    (root / "etc/apt/sources.list.d/debian.sources").write_text(sources_deb822(release))
+    (root / "etc/apt/apt.conf.d/90facepipe-lab").write_text(
+        'APT::Install-Recommends "false";\nAcquire::Languages "none";\n'
+    )
+    # Test setup: trust the controller's CA bundle (the network may intercept TLS).
+    ca = root / "usr/local/share/ca-certificates/controller-ca.crt"
+    ca.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile("/etc/ssl/certs/ca-certificates.crt", ca)
+    run(["chroot", str(root), "update-ca-certificates"], stdout=sys.stderr)
+    # Lean: drop caches and docs; per-instance identity is created at copy time.
+    run(["chroot", str(root), "apt-get", "clean"])
+    for sub in ("var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/info"):
+        p = root / sub
+        if p.exists():
+            for child in p.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                elif child.name != "lock":
+                    child.unlink()
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    (root / "etc/machine-id").write_text("")
+    (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    # No consoles, no periodic apt jobs racing the tests.
+    wants = root / "etc/systemd/system"
+    for unit in ("getty@tty1.service", "console-getty.service", "apt-daily.timer",
+                 "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer"):
+        link = wants / unit
+        link.unlink(missing_ok=True)
+        link.symlink_to("/dev/null")
+    run(["chroot", str(root), "systemctl", "enable", "ssh.service"], stdout=sys.stderr)
+    (root / "etc/ssh/sshd_config.d").mkdir(exist_ok=True)
+    (root / "etc/ssh/sshd_config.d/10-facepipe-lab.conf").write_text(
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUseDNS no\n"
+    )
+    stamp = {"release": release, "built": int(time.time()), "format": IMAGE_FORMAT,
+             "packages": PACKAGES, "mirror": MIRROR,
+             "seconds": round(time.monotonic() - started, 1)}
+    (tmp / "stamp.json").write_text(json.dumps(stamp, indent=2) + "\n")
+    # atomic-ish swap: old -> .old, tmp -> dest, drop old
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    log(f"image {release} built in {stamp['seconds']} s")
+
+
+def ensure_images(releases: list[str], refresh: bool = False) -> None:
+    for release in releases:
+        if release not in RELEASES:
+            die(f"unknown release {release!r} (known: {', '.join(RELEASES)})")
+        with locked(CACHE_DIR / f".{release}.lock"):
+            if refresh or not image_fresh(release):
+                build_image(release)
+            else:
+                log(f"image {release} is fresh ({image_root(release)})")
+
+
+def cmd_images(args) -> None:
+    ensure_images(args.release or list(RELEASES), args.refresh)
+    for release in args.release or RELEASES:
+        print(json.dumps({"release": release, "path": str(image_root(release)),
+                          "stamp": image_stamp(release)}))
+
+
+# ---------------------------------------------------------------- lab state
+
+
+def lab_dir(lab: str) -> Path:
+    return STATE_DIR / lab
+
+
+def load_state(lab: str) -> dict | None:
+    try:
+        return json.loads((lab_dir(lab) / "hosts.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save_state(state: dict) -> None:
+    path = lab_dir(state["lab"]) / "hosts.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def short_hash(*parts: str) -> str:
+    return hashlib.sha1("/".join(parts).encode()).hexdigest()[:10]
+
+
+def veth_names(lab: str, host: str) -> tuple[str, str]:
+    h = short_hash(lab, host)
+    return f"fpv{h}", f"fpc{h}"  # 13 chars: bridge side, container side (renamed eth0 inside)
+
+
+def netns_name(lab: str, host: str) -> str:
+    return f"fp-{lab}-{host}"
+
+
+def nft_table(lab: str) -> str:
+    return "fplab_" + re.sub(r"[^A-Za-z0-9_]", "_", lab)
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie or a recycled pid is not our nspawn
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return status != "Z" and any(b"systemd-nspawn" in c for c in cmdline[:1])
+
+
+def host_pid(lab: str, host: str) -> int | None:
+    try:
+        return int((lab_dir(lab) / host / "nspawn.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def host_running(lab: str, host: str) -> bool:
+    return pid_alive(host_pid(lab, host))
+
+
+# ---------------------------------------------------------------- network
+
+
+def link_exists(name: str) -> bool:
+    return ok(["ip", "link", "show", "dev", name])
+
+
+def netns_exists(name: str) -> bool:
+    return Path(f"/run/netns/{name}").exists()
+
+
+def ensure_bridge(lab: str, bridge: str, net: ipaddress.IPv4Network) -> None:
+    gw = f"{net.network_address + 1}/{net.prefixlen}"
+    if not link_exists(bridge):
+        run(["ip", "link", "add", "name", bridge, "type", "bridge"])
+    addrs = run(["ip", "-4", "-o", "addr", "show", "dev", bridge], capture=True).stdout
+    if gw.split("/")[0] + "/" not in addrs:
+        run(["ip", "addr", "add", gw, "dev", bridge])
+    run(["ip", "link", "set", bridge, "up"])
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    table = nft_table(lab)
+    ruleset = f"""
+table inet {table} {{}}
+delete table inet {table}
+table inet {table} {{
+    set cut_addrs {{ type ipv4_addr; }}
+    chain forward {{
+        type filter hook forward priority filter - 5; policy accept;
+        ip saddr @cut_addrs drop
+        ip daddr @cut_addrs drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr {net} ip daddr != {net} masquerade
+    }}
+}}
+table bridge {table} {{}}
+delete table bridge {table}
+table bridge {table} {{
+    set cut_ports {{ type ifname; }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        iifname @cut_ports drop
+        oifname @cut_ports drop
+    }}
+}}
+"""
+    cut = cut_state(lab)
+    run(["nft", "-f", "-"], input=ruleset)
+    # restore cuts across re-runs of up
+    for host, (addr, veth) in cut.items():
+        apply_cut(lab, addr, veth, True)
+
+
+def cut_state(lab: str) -> dict:
+    state = load_state(lab) or {}
+    return {h["name"]: (h["address"], h["veth"]) for h in state.get("hosts", []) if h.get("cut")}
+
+
+def apply_cut(lab: str, address: str, veth: str, cut: bool) -> None:
+    table = nft_table(lab)
+    verb = "add" if cut else "delete"
+    for fam, setname, elem in (("inet", "cut_addrs", address), ("bridge", "cut_ports", f'"{veth}"')):
+        proc = run(["nft", verb, "element", fam, table, setname, f"{{ {elem} }}"], check=False, capture=True)
+        if proc.returncode != 0 and cut:
+            die(f"nft {verb} element failed: {proc.stderr.strip()}")
+
+
+def teardown_network(lab: str, bridge: str | None) -> None:
+    table = nft_table(lab)
+    for fam in ("inet", "bridge"):
+        run(["nft", "delete", "table", fam, table], check=False, capture=True)
+    if bridge and link_exists(bridge):
+        run(["ip", "link", "del", bridge], check=False)
+
+
+# ---------------------------------------------------------------- hosts
+
+
+def ssh_cmd(state: dict, address: str, *remote: str, tty: bool = False) -> list[str]:
+    cmd = ["ssh", *SSH_OPTS, "-i", state["ssh_key"], "-l", "root"]
+    if tty:
+        cmd.append("-t")
+    return [*cmd, address, *remote]
+
+
+def ensure_key(lab: str) -> Path:
+    key = lab_dir(lab) / "id_ed25519"
+    if not key.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"facepipe-lab-{lab}", "-f", str(key)])
+    return key
+
+
+def write_identity(root: Path, name: str, address: str, all_hosts: list[dict], gateway: str) -> None:
+    (root / "etc/hostname").write_text(name + "\n")
+    lines = ["127.0.0.1\tlocalhost", f"127.0.1.1\t{name}", f"{gateway}\tgateway",
+             "::1\tlocalhost ip6-localhost ip6-loopback"]
+    lines += [f"{h['address']}\t{h['name']}" for h in all_hosts if h["name"] != name]
+    (root / "etc/hosts").write_text("\n".join(lines) + "\n")
+
+
+def resolv_conf() -> str:
+    """The controller's resolv.conf, unless its resolvers are loopback-only."""
+    text = Path("/etc/resolv.conf").read_text()
+    servers = re.findall(r"^\s*nameserver\s+(\S+)", text, re.M)
+    good = [s for s in servers if not ipaddress.ip_address(s).is_loopback]
+    if not good:
+        upstream = os.environ.get("FACEPIPE_LAB_DNS")
+        if not upstream:
+            die("controller resolver is loopback-only; set FACEPIPE_LAB_DNS to an upstream resolver")
+        good = upstream.split(",")
+    return "".join(f"nameserver {s}\n" for s in good if ":" not in s) + "options timeout:2 attempts:3\n"
+
+
+def prepare_rootfs(lab: str, host: dict, state: dict) -> Path:
+    hdir = lab_dir(lab) / host["name"]
+    root = hdir / "rootfs"
+    if root.exists():
+        shutil.rmtree(root)
+    hdir.mkdir(parents=True, exist_ok=True)
+    run(["cp", "-a", "--reflink=auto", str(image_root(host["release"])), str(root)])
+    (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+    run(["ssh-keygen", "-q", "-A", "-f", str(root)], stdout=sys.stderr)
+    ssh_dir = root / "root/.ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    pub = Path(state["ssh_key"] + ".pub").read_text()
+    (ssh_dir / "authorized_keys").write_text(pub)
+    os.chmod(ssh_dir / "authorized_keys", 0o600)
+    resolv = root / "etc/resolv.conf"
+    resolv.unlink(missing_ok=True)
+    resolv.write_text(resolv_conf())
+    # eth0 is configured from the outside (static address in the netns)
+    return root
+
+
+def ensure_netns(lab: str, host: dict, state: dict) -> None:
+    ns = host["netns"]
+    veth, peer = host["veth"], host["peer"]
+    net = ipaddress.ip_network(state["subnet"])
+    if not netns_exists(ns):
+        run(["ip", "netns", "add", ns])
+    if not ok(["ip", "-n", ns, "link", "show", "dev", "eth0"]):
+        if link_exists(veth):
+            run(["ip", "link", "del", veth])
+        run(["ip", "link", "add", veth, "type", "veth", "peer", "name", peer])
+        run(["ip", "link", "set", peer, "netns", ns])
+        run(["ip", "-n", ns, "link", "set", peer, "name", "eth0"])
+    run(["ip", "link", "set", veth, "master", state["bridge"]])
+    run(["ip", "link", "set", veth, "up"])
+    run(["ip", "-n", ns, "link", "set", "lo", "up"])
+    run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+    addr = f"{host['address']}/{net.prefixlen}"
+    if addr not in run(["ip", "-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"], capture=True).stdout:
+        run(["ip", "-n", ns, "addr", "add", addr, "dev", "eth0"])
+    run(["ip", "-n", ns, "route", "replace", "default", "via", state["gateway"]])
+
+
+def boot(lab: str, host: dict) -> int:
+    hdir = lab_dir(lab) / host["name"]
+    logf = open(hdir / "console.log", "ab")
+    cmd = [
+        "systemd-nspawn", "--quiet", "-D", str(hdir / "rootfs"), "--boot",
+        "--register=no", "--keep-unit", f"--machine={host['name']}",
+        f"--network-namespace-path=/run/netns/{host['netns']}",
+        "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=read-only",
+    ]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                            start_new_session=True, close_fds=True)
+    (hdir / "nspawn.pid").write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def wait_ready(state: dict, host: dict, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    addr = host["address"]
+    while time.monotonic() < deadline:
+        if not host_running(state["lab"], host["name"]):
+            die(f"{host['name']}: nspawn exited; see {lab_dir(state['lab']) / host['name'] / 'console.log'}")
+        try:
+            with socket.create_connection((addr, 22), timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        die(f"{host['name']}: ssh port not reachable at {addr} after {timeout}s")
+    while time.monotonic() < deadline:
+        left = max(5, int(deadline - time.monotonic()))
+        proc = run(ssh_cmd(state, addr, f"timeout {left} systemctl is-system-running --wait"),
+                   check=False, capture=True)
+        status = proc.stdout.strip()
+        if status in ("running", "degraded"):
+            if status == "degraded":
+                failed = run(ssh_cmd(state, addr, "systemctl --failed --no-legend --plain"),
+                             check=False, capture=True).stdout.strip()
+                log(f"{host['name']}: degraded; failed units: {failed}")
+            return status
+        time.sleep(1)
+    die(f"{host['name']}: system did not reach running state in {timeout}s")
+    return ""
+
+
+def stop_host(lab: str, host: dict, timeout: float = 30) -> None:
+    pid = host_pid(lab, host["name"])
+    if pid_alive(pid):
+        # SIGTERM makes nspawn ask the container's systemd to power off cleanly.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        if pid_alive(pid):
+            log(f"{host['name']}: nspawn {pid} did not stop, killing its process group")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            time.sleep(0.5)
+    ns = host.get("netns") or netns_name(lab, host["name"])
+    if netns_exists(ns):
+        # any process still in the netns is a leftover of this host
+        pids = run(["ip", "netns", "pids", ns], check=False, capture=True).stdout.split()
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(p), signal.SIGKILL)
+        run(["ip", "netns", "del", ns], check=False)
+    veth = host.get("veth") or veth_names(lab, host["name"])[0]
+    if link_exists(veth):
+        run(["ip", "link", "del", veth], check=False)
+    hdir = lab_dir(lab) / host["name"]
+    (hdir / "nspawn.pid").unlink(missing_ok=True)
+
+
+def parse_host(spec: str) -> dict:
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        die(f"bad --host {spec!r}: expected NAME:RELEASE[:GROUP,...]")
+    name, release = parts[0], parts[1]
+    if not NAME_RE.match(name):
+        die(f"bad host name {name!r}")
+    if release not in RELEASES:
+        die(f"bad release {release!r} for {name}")
+    groups = [g for g in (parts[2].split(",") if len(parts) == 3 else []) if g]
+    return {"name": name, "release": release, "groups": groups}
+
+
+def cmd_up(args) -> None:
+    lab = args.lab
+    if not NAME_RE.match(lab):
+        die(f"bad lab name {lab!r}")
+    if len(args.bridge) > 15:
+        die("bridge name longer than 15 characters")
+    net = ipaddress.ip_network(args.subnet)
+    wanted = [parse_host(s) for s in args.host]
+    if len({h["name"] for h in wanted}) != len(wanted):
+        die("duplicate host names")
+    ensure_images(sorted({h["release"] for h in wanted}))
+    with locked(lab_dir(lab) / ".lock"):
+        state = load_state(lab) or {}
+        if state and (state.get("subnet") != str(net) or state.get("bridge") != args.bridge):
+            die(f"lab {lab} exists with subnet {state.get('subnet')} bridge {state.get('bridge')}; run down first")
+        state.update(lab=lab, subnet=str(net), bridge=args.bridge,
+                     gateway=str(net.network_address + 1), ssh_key=str(ensure_key(lab)))
+        known = {h["name"]: h for h in state.get("hosts", [])}
+        used = {h["address"] for h in known.values()}
+        free = (str(net.network_address + i) for i in range(HOST_FIRST_OCTET, net.num_addresses - 1))
+        hosts = []
+        for w in wanted:
+            old = known.pop(w["name"], None)
+            if old and old["release"] != w["release"]:
+                log(f"{w['name']}: release changed, recreating")
+                stop_host(lab, old)
+                old = {"address": old["address"]}
+            h = dict(old or {})
+            h.update(w)
+            if "address" not in h:
+                h["address"] = next(a for a in free if a not in used)
+                used.add(h["address"])
+            h["netns"] = netns_name(lab, h["name"])
+            h["veth"], h["peer"] = veth_names(lab, h["name"])
+            h.setdefault("cut", False)
+            hosts.append(h)
+        extra = list(known.values())  # hosts of an earlier up that are not asked for now: keep them
+        state["hosts"] = hosts + extra
+        save_state(state)
+        ensure_bridge(lab, args.bridge, net)
+        started = []
+        for h in hosts:
+            if host_running(lab, h["name"]):
+                log(f"{h['name']}: already running ({h['address']})")
+                ensure_netns(lab, h, state)
+                write_identity(lab_dir(lab) / h["name"] / "rootfs", h["name"], h["address"],
+                               state["hosts"], state["gateway"])
+                continue
+            stop_host(lab, h)  # clean leftovers of a crashed host
+            t0 = time.monotonic()
+            root = prepare_rootfs(lab, h, state)
+            write_identity(root, h["name"], h["address"], state["hosts"], state["gateway"])
+            ensure_netns(lab, h, state)
+            pid = boot(lab, h)
+            log(f"{h['name']}: booting {h['release']} at {h['address']} (nspawn pid {pid}, "
+                f"copy {time.monotonic() - t0:.1f}s)")
+            started.append(h)
+        for h in started:
+            status = wait_ready(state, h, timeout=args.timeout)
+            log(f"{h['name']}: {status}")
+        save_state(state)
+        if args.inventory:
+            write_inventory(state, Path(args.inventory))
+    print(json.dumps(state, indent=2))
+
+
+def write_inventory(state: dict, path: Path) -> None:
+    """A YAML inventory (JSON is valid YAML) with the hosts, their groups and ssh settings."""
+    inv: dict = {"all": {"hosts": {}, "children": {}, "vars": {
+        "ansible_user": "root",
+        "ansible_ssh_private_key_file": state["ssh_key"],
+        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+        "facepipe_lab_name": state["lab"],
+        "facepipe_lab_gateway": state["gateway"],
+    }}}
+    for h in state["hosts"]:
+        inv["all"]["hosts"][h["name"]] = {"ansible_host": h["address"]}
+        for g in h["groups"]:
+            inv["all"]["children"].setdefault(g, {"hosts": {}})["hosts"][h["name"]] = {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(inv, indent=2) + "\n")
+    log(f"inventory written to {path}")
+
+
+def cmd_down(args) -> None:
+    lab = args.lab
+    ldir = lab_dir(lab)
+    state = load_state(lab) or {"lab": lab, "hosts": []}
+    with locked(STATE_DIR / f".{lab}.down.lock"):
+        names = {h["name"] for h in state.get("hosts", [])}
+        # also hosts whose state was lost but whose directories remain
+        if ldir.exists():
+            for d in ldir.iterdir():
+                if d.is_dir() and d.name not in names:
+                    state.setdefault("hosts", []).append({"name": d.name})
+        hosts = state.get("hosts", [])
+        for h in hosts:
+            pid = host_pid(lab, h["name"])
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)  # start all shutdowns in parallel
+        for h in hosts:
+            stop_host(lab, h, timeout=args.timeout)
+        # stray netns of this lab (from a lost state file)
+        for ns in Path("/run/netns").glob(f"fp-{lab}-*") if Path("/run/netns").exists() else []:
+            run(["ip", "netns", "del", ns.name], check=False)
+        teardown_network(lab, state.get("bridge") or args.bridge)
+        if ldir.exists():
+            shutil.rmtree(ldir)
+    log(f"lab {lab} is down")
+
+
+def get_host(args) -> tuple[dict, dict]:
+    state = load_state(args.lab)
+    if not state:
+        die(f"lab {args.lab} does not exist")
+    for h in state["hosts"]:
+        if h["name"] == args.host:
+            return state, h
+    die(f"no host {args.host} in lab {args.lab}")
+    raise AssertionError
+
+
+def cmd_cut(args, cut: bool = True) -> None:
+    with locked(lab_dir(args.lab) / ".lock"):
+        state, h = get_host(args)
+        apply_cut(args.lab, h["address"], h["veth"], cut)
+        h["cut"] = cut
+        save_state(state)
+    log(f"{h['name']}: network {'cut (controller ssh still works)' if cut else 'restored'}")
+
+
+def cmd_exec(args) -> None:
+    state, h = get_host(args)
+    cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
+    os.execvp("ssh", ssh_cmd(state, h["address"], *cmd, tty=sys.stdin.isatty() and not cmd))
+
+
+def cmd_status(args) -> None:
+    state = load_state(args.lab)
+    if not state:
+        print(json.dumps({"lab": args.lab, "exists": False}))
+        return
+    for h in state["hosts"]:
+        h["running"] = host_running(args.lab, h["name"])
+        h["pid"] = host_pid(args.lab, h["name"])
+        if h["running"]:
+            h["system"] = run(ssh_cmd(state, h["address"], "systemctl is-system-running"),
+                              check=False, capture=True).stdout.strip() or "unreachable"
+    state["bridge_exists"] = link_exists(state["bridge"])
+    print(json.dumps(state, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="lab.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("images", help="build or refresh the cached base images")
+    s.add_argument("--release", action="append", choices=RELEASES)
+    s.add_argument("--refresh", action="store_true", help="rebuild even if fresh")
+    s.set_defaults(func=cmd_images)
+    s = sub.add_parser("up", help="create (or reuse) a lab and boot its hosts")
+    s.add_argument("--lab", required=True)
+    s.add_argument("--subnet", required=True, help="e.g. 10.231.40.0/24; gateway is .1, hosts .11..")
+    s.add_argument("--bridge", required=True, help="bridge name, at most 15 characters")
+    s.add_argument("--host", action="append", required=True, metavar="NAME:RELEASE[:GROUP,...]")
+    s.add_argument("--inventory", help="also write an Ansible YAML inventory to this path")
+    s.add_argument("--timeout", type=float, default=180)
+    s.set_defaults(func=cmd_up)
+    s = sub.add_parser("down", help="stop and remove everything of a lab")
+    s.add_argument("--lab", required=True)
+    s.add_argument("--bridge", help="bridge to remove if the state file is gone")
+    s.add_argument("--timeout", type=float, default=30)
+    s.set_defaults(func=cmd_down)
+    for name, cut in (("cut", True), ("heal", False)):
+        s = sub.add_parser(name, help=f"{'cut' if cut else 'restore'} a host's network to peers and outside")
+        s.add_argument("--lab", required=True)
+        s.add_argument("--host", required=True)
+        s.set_defaults(func=lambda a, c=cut: cmd_cut(a, c))
+    s = sub.add_parser("exec", help="run a command on a host over ssh")
+    s.add_argument("--lab", required=True)
+    s.add_argument("--host", required=True)
+    s.add_argument("cmd", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_exec)
+    s = sub.add_parser("status", help="show a lab's hosts")
+    s.add_argument("--lab", required=True)
+    s.set_defaults(func=cmd_status)
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        die("must run as root")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
