@@ -5,7 +5,7 @@ photographs used as backgrounds) and segments where the astronaut portrait shipp
 scikit-image moves and scales slightly over a background (one segment shows two faces: the
 portrait and its mirror image).
 
-Ground truth JSON (written next to the clip unless ``--truth`` says otherwise)::
+Ground truth JSON (``<clip without suffix>.json`` unless ``--truth`` says otherwise)::
 
     {"fps": 20.0, "frames": 300, "width": 640, "height": 480, "seed": 7,
      "segments": [{"start": 0, "end": 40, "faces": 0}, ...],
@@ -222,7 +222,7 @@ def write_clip(
 ) -> GroundTruth:
     """Write the clip (MJPG .avi, or mp4v for .mp4) or a folder of JPEG images.
 
-    Returns the ground truth, also written to ``truth_path`` (default: ``<path>.json`` for a
+    Returns the ground truth, also written to ``truth_path`` (default: ``<stem>.json`` for a
     clip, ``<folder>/truth.json`` for images; the image loader skips non-image files).
     """
     out = Path(path)
@@ -251,7 +251,7 @@ def write_clip(
                     progress(i)
         finally:
             writer.release()
-        tpath = Path(truth_path) if truth_path else out.with_suffix(out.suffix + ".json")
+        tpath = Path(truth_path) if truth_path else out.with_suffix(".json")
     tpath.write_text(truth.to_json())
     return truth
 
@@ -265,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "output", help="clip path (.avi = MJPG, .mp4 = mp4v) or folder with --images"
     )
-    parser.add_argument("--truth", help="ground truth JSON path (default <output>.json)")
+    parser.add_argument(
+        "--truth", help="ground truth JSON path (default: output with .json suffix)"
+    )
     parser.add_argument("--images", action="store_true", help="write a folder of JPEG frames")
     parser.add_argument("--fps", type=float, default=20.0)
     parser.add_argument("--width", type=int, default=640)

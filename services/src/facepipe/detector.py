@@ -1,0 +1,408 @@
+"""face-detector: faces from a camera (or a file) to MQTT, one crop per tracked face per interval.
+
+Main loop: read a frame -> detect -> track -> crop the chosen faces with a margin -> JPEG ->
+:func:`facepipe.contract.encode_face` -> publish on ``<prefix>/<device_id>``.
+
+Publishing never blocks capture on a live source: paho queues at most ``--max-queued``
+messages while the broker is slow or away; beyond that new faces are dropped and counted
+(``publish_dropped``), because on a camera bounded memory matters more than old faces. With a
+file or folder source (tests, the lab) nothing may be lost: the loop instead waits while
+``--max-queued`` messages are unacknowledged, so a slow broker slows playback down.
+
+A finished file (no ``--loop``) and SIGTERM end the same way: wait until every publish is
+acknowledged (a finished file waits as long as it takes; SIGTERM at most ``--drain-timeout``),
+publish the retained ``offline`` status, disconnect cleanly, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from argparse import Namespace
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Final
+
+import cv2
+import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from facepipe import contract
+from facepipe.boxes import Box
+from facepipe.config import (
+    LOGGING_OPTIONS,
+    MQTT_OPTIONS,
+    ConfigError,
+    Option,
+    default_hostname,
+    device_id,
+    existing_file,
+    float_range,
+    int_range,
+    non_empty,
+    parse_bool,
+    parse_options,
+    run_main,
+)
+from facepipe.detection import Detector, HaarDetector, YuNetDetector, crop_quality, set_threads
+from facepipe.frames import Frame, FrameSource, open_source
+from facepipe.logsetup import setup_logging
+from facepipe.mqtt import MqttSession, MqttSettings, Will
+from facepipe.notify import Notifier
+from facepipe.stats import Counters, StatsReporter, serve_metrics
+from facepipe.tracking import Observation, Tracker
+
+PROG: Final = "face-detector"
+log = logging.getLogger("facepipe.detector")
+
+ONLINE: Final = b"online"
+OFFLINE: Final = b"offline"
+
+OPTIONS: Final = (
+    Option(
+        "source",
+        non_empty,
+        None,
+        "camera (/dev/video0 or an index), video file, rtsp:// or http(s):// URL, or a folder "
+        "of images",
+        required=True,
+    ),
+    Option("device_id", device_id, None, "device id in topics and metadata (default: hostname)"),
+    Option(
+        "realtime", parse_bool, True, "play files at their own frame rate", flag_only_value="true"
+    ),
+    Option(
+        "loop", parse_bool, False, "restart a file or folder at its end", flag_only_value="true"
+    ),
+    Option(
+        "fps", float_range(0, 1000), 0.0, "frame rate of folders / files without one (0 = auto)"
+    ),
+    Option("min_interval", float_range(0), 2.0, "seconds of source time between a track's faces"),
+    Option("jpeg_quality", int_range(1, 100), 90, "JPEG quality of published crops"),
+    Option(
+        "crop_margin", float_range(0, 2), 0.25, "margin around a face, as a fraction of its size"
+    ),
+    Option("detect_width", int_range(0, 10000), 320, "width to detect at (0 = full frame)"),
+    Option("scale_factor", float_range(1.01, 2.0), 1.1, "Haar: detectMultiScale scale factor"),
+    Option("min_neighbors", int_range(0, 50), 4, "Haar: detectMultiScale minNeighbors"),
+    Option("min_size", int_range(1, 10000), 40, "smallest face side in source pixels"),
+    Option("equalize", parse_bool, False, "Haar: equalize the histogram before detecting"),
+    Option("cascade", existing_file, None, "Haar cascade XML (default: OpenCV's frontalface)"),
+    Option(
+        "model", existing_file, None, "YuNet ONNX model: use cv2.FaceDetectorYN instead of Haar"
+    ),
+    Option("score_threshold", float_range(0, 1), 0.8, "YuNet: minimum face score"),
+    Option("min_hits", int_range(1, 100), 3, "frames a face must be seen in before publishing"),
+    Option("max_missed", int_range(0, 1000), 10, "frames a track survives without a detection"),
+    Option("iou_threshold", float_range(0.01, 1), 0.3, "IoU that links a detection to a track"),
+    Option("threads", int_range(0, 64), 1, "OpenCV threads (0 = OpenCV's default)"),
+    Option("max_queued", int_range(1, 1_000_000), 1000, "unacknowledged publishes held at most"),
+    Option("drain_timeout", float_range(0), 30.0, "seconds to wait for acks on SIGTERM"),
+    *MQTT_OPTIONS,
+    *LOGGING_OPTIONS,
+)
+
+COUNTERS: Final = (
+    "frames",
+    "dropped",
+    "faces",
+    "tracks",
+    "published",
+    "acked",
+    "publish_dropped",
+    "read_errors",
+)
+
+
+@dataclass(frozen=True)
+class Crop:
+    box: Box  # the face in source pixels (what the metadata's bbox says)
+    image: np.ndarray  # the face with its margin
+
+
+class Publisher:
+    """Publishes face messages and keeps the ones not yet acknowledged."""
+
+    def __init__(
+        self, session: MqttSession, topic: str, qos: int, max_pending: int, counters: Counters
+    ) -> None:
+        self.session = session
+        self.topic = topic
+        self.qos = qos
+        self.max_pending = max_pending
+        self.counters = counters
+        self.pending: deque[paho.MQTTMessageInfo] = deque()
+        self.properties: Properties | None = None
+        if session.settings.v5:
+            self.properties = Properties(PacketTypes.PUBLISH)
+            self.properties.ContentType = contract.CONTENT_TYPE
+
+    def prune(self) -> int:
+        """Forget acknowledged messages (in order); return how many are still pending."""
+        while self.pending and self.pending[0].is_published():
+            self.pending.popleft()
+            self.counters.inc("acked")
+        return len(self.pending)
+
+    def publish(self, payload: bytes) -> bool:
+        info = self.session.publish(self.topic, payload, self.qos, properties=self.properties)
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            self.counters.inc("publish_dropped")
+            return False
+        # MQTT_ERR_NO_CONN still queues QoS 1 messages: paho sends them after reconnecting.
+        self.counters.inc("published")
+        self.pending.append(info)
+        return True
+
+    def wait_room(self, stop: threading.Event, tick: Callable[[], None]) -> None:
+        """Block (file sources) while ``max_pending`` messages are unacknowledged."""
+        while self.prune() >= self.max_pending and not stop.is_set():
+            tick()
+            time.sleep(0.02)
+
+    def drain(self, stop: threading.Event, timeout: float, tick: Callable[[], None]) -> bool:
+        """Wait until every publish is acknowledged; False on timeout.
+
+        Before ``stop`` is set this waits as long as it takes (a finished file); once it is
+        set (SIGTERM), at most ``timeout`` seconds more.
+        """
+        deadline: float | None = None
+        last_log = time.monotonic()
+        while self.prune():
+            now = time.monotonic()
+            if deadline is None and stop.is_set():
+                deadline = now + timeout
+            if deadline is not None and now >= deadline:
+                return False
+            if now - last_log >= 10:
+                log.info("waiting for %d acknowledgement(s)", len(self.pending))
+                last_log = now
+            tick()
+            time.sleep(0.02)
+        return True
+
+
+def crop_face(frame: np.ndarray, box: Box, margin: float) -> Crop | None:
+    height, width = frame.shape[:2]
+    face = box.clamped(width, height)
+    if face is None:
+        return None
+    region = face.with_margin(margin, width, height)
+    if region is None:
+        return None
+    image = frame[region.y : region.y + region.h, region.x : region.x + region.w].copy()
+    return Crop(face, image)
+
+
+def build_detector(opts: Namespace) -> Detector:
+    if opts.model is not None:
+        return YuNetDetector(
+            opts.model,
+            score_threshold=opts.score_threshold,
+            min_size=opts.min_size,
+            detect_width=opts.detect_width,
+        )
+    return HaarDetector(
+        opts.cascade,
+        scale_factor=opts.scale_factor,
+        min_neighbors=opts.min_neighbors,
+        min_size=opts.min_size,
+        detect_width=opts.detect_width,
+        equalize=opts.equalize,
+    )
+
+
+def resolve_device_id(opts: Namespace) -> str:
+    if opts.device_id:
+        return str(opts.device_id)
+    host = default_hostname()
+    if not contract.is_valid_device_id(host):
+        raise ConfigError(
+            f"--device-id / FACEPIPE_DEVICE_ID: the hostname {host!r} is not a valid device id "
+            f"({contract.DEVICE_ID_RE.pattern}); set one"
+        )
+    return host
+
+
+class Pipeline:
+    """Detect, track, crop and publish; no I/O of its own besides the publisher."""
+
+    def __init__(
+        self,
+        detector: Detector,
+        tracker: Tracker[Crop],
+        publisher: Publisher,
+        device: str,
+        opts: Namespace,
+        counters: Counters,
+    ) -> None:
+        self.detector = detector
+        self.tracker = tracker
+        self.publisher = publisher
+        self.device = device
+        self.margin = opts.crop_margin
+        self.quality = opts.jpeg_quality
+        self.counters = counters
+        self.captured: dict[int, Frame] = {}
+
+    def process(self, frame: Frame) -> int:
+        """Handle one frame; return how many faces were published."""
+        boxes = self.detector.detect(frame.image)
+        observations = []
+        for box in boxes:
+            crop = crop_face(frame.image, box, self.margin)
+            if crop is not None:
+                observations.append(
+                    Observation(crop.box, crop_quality(crop.image), (crop, frame.captured_at))
+                )
+        self.counters.inc("faces", len(observations))
+        before = self.tracker.started
+        chosen = self.tracker.update(frame.index, frame.source_time, observations)
+        self.counters.inc("tracks", self.tracker.started - before)
+        sent = 0
+        for pub in chosen:
+            crop, captured_at = pub.observation.payload
+            ok, buf = cv2.imencode(".jpg", crop.image, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+            if not ok:
+                log.warning("JPEG encoding failed for frame %d", pub.frame)
+                continue
+            meta = contract.FaceMeta.new(
+                device_id=self.device,
+                captured_at=captured_at,
+                frame=pub.frame,
+                bbox=crop.box.as_tuple(),
+                detector=self.detector.name,
+                track_id=pub.track_id,
+            )
+            if self.publisher.publish(contract.encode_face(buf.tobytes(), meta)):
+                sent += 1
+                log.debug("face %s track %s frame %d", meta.face_id, pub.track_id, pub.frame)
+        return sent
+
+
+def run(argv: list[str] | None = None) -> int:
+    opts = parse_options(PROG, "Detect faces and publish them to MQTT.", OPTIONS, argv)
+    device = resolve_device_id(opts)
+    settings = MqttSettings.from_options(opts, default_client_id=f"{PROG}-{device}")
+    setup_logging(opts.log_level)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # we log source states
+    set_threads(opts.threads)
+    if opts.qos == 0:
+        log.warning("--qos 0: faces may be lost on the way to the broker")
+    detector = build_detector(opts)
+    source = open_source(opts.source, realtime=opts.realtime, loop=opts.loop, fps=opts.fps)
+
+    counters = Counters(COUNTERS, ["pending", "source_up"])
+    notifier = Notifier()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    status = contract.status_topic(opts.topic_prefix, device)
+    session = MqttSession(
+        settings,
+        will=Will(status, OFFLINE, qos=1, retain=True),
+        # Live: paho's queue is the bound (drops counted). Files: unbounded in paho, bounded
+        # by Publisher.wait_room so nothing is ever dropped.
+        max_queued=opts.max_queued if source.live else 0,
+    )
+    publisher = Publisher(
+        session, contract.face_topic(opts.topic_prefix, device), opts.qos, opts.max_queued, counters
+    )
+    tracker: Tracker[Crop] = Tracker(
+        min_interval=opts.min_interval,
+        iou_threshold=opts.iou_threshold,
+        min_hits=opts.min_hits,
+        max_missed=opts.max_missed,
+    )
+    pipeline = Pipeline(detector, tracker, publisher, device, opts, counters)
+    if opts.metrics_port:
+        serve_metrics("facepipe_detector", counters, opts.metrics_address, opts.metrics_port)
+
+    log.info(
+        "device %s: %s (%s fps) -> %s with %s",
+        device,
+        source.description,
+        f"{source.fps:g}" if not source.live else "live",
+        publisher.topic,
+        detector.name,
+    )
+    session.start()
+    session.wait_connected(2.0)
+    notifier.ready("connected" if session.connected.is_set() else "connecting to the broker")
+    reporter = StatsReporter(counters, opts.stats_interval, notifier.status, {"frames": "fps"})
+    announced = 0
+
+    def tick() -> None:
+        nonlocal announced
+        if session.connects != announced:  # (re)connected: the Will may have said offline
+            announced = session.connects
+            session.publish(status, ONLINE, qos=1, retain=True)
+        counters.set_gauge("pending", publisher.prune())
+        counters.set_gauge("source_up", 0.0 if source.live and not _up(source) else 1.0)
+        reporter.tick()
+        notifier.watchdog()
+
+    try:
+        while not stop.is_set():
+            tick()
+            frame = source.read(0.5)
+            if frame is None:
+                if source.finished:
+                    log.info(
+                        "%s finished after %d frames", source.description, counters.get("frames")
+                    )
+                    break
+                continue
+            counters.inc("frames")
+            pipeline.process(frame)
+            if not source.live:
+                publisher.wait_room(stop, tick)
+            _sync_source_counters(source, counters)
+    finally:
+        source.close()
+
+    notifier.stopping()
+    _sync_source_counters(source, counters)
+    drained = publisher.drain(stop, opts.drain_timeout, tick)
+    if not drained:
+        log.warning("%d face(s) not acknowledged before the drain timeout", len(publisher.pending))
+    if session.connected.is_set():
+        info = session.publish(status, OFFLINE, qos=1, retain=True)
+        MqttSession.wait_published([info], 5.0)
+    session.stop()
+    counters.set_gauge("pending", len(publisher.pending))
+    log.info("stopped: %s", reporter.line())
+    return 0
+
+
+def _up(source: FrameSource) -> bool:
+    opened = getattr(source, "opened", None)
+    return bool(opened is not None and opened.is_set())
+
+
+def _sync_source_counters(source: FrameSource, counters: Counters) -> None:
+    for name, value in (("dropped", source.dropped), ("read_errors", source.read_errors)):
+        delta = value - counters.get(name)
+        if delta > 0:
+            counters.inc(name, delta)
+
+
+def main() -> None:
+    run_main(PROG, run)
+
+
+if __name__ == "__main__":
+    main()
