@@ -33,7 +33,9 @@ from pathlib import Path
 CACHE_DIR = Path(os.environ.get("FACEPIPE_LAB_CACHE", "/var/cache/facepipe-lab"))
 STATE_DIR = Path(os.environ.get("FACEPIPE_LAB_STATE", "/var/lib/facepipe-lab"))
 MIRROR = os.environ.get("FACEPIPE_LAB_MIRROR", "http://deb.debian.org/debian")
-SECURITY_MIRROR = os.environ.get("FACEPIPE_LAB_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
+SECURITY_MIRROR = os.environ.get(
+    "FACEPIPE_LAB_SECURITY_MIRROR", "http://deb.debian.org/debian-security"
+)
 RELEASES = ("bookworm", "trixie")
 IMAGE_MAX_AGE = 7 * 24 * 3600
 IMAGE_FORMAT = 1  # bump when the image recipe changes: cached images get rebuilt
@@ -55,12 +57,18 @@ PACKAGES = [
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 HOST_FIRST_OCTET = 11
 SSH_OPTS = [
-    "-o", "StrictHostKeyChecking=no",
-    "-o", "UserKnownHostsFile=/dev/null",
-    "-o", "LogLevel=ERROR",
-    "-o", "IdentitiesOnly=yes",
-    "-o", "BatchMode=yes",
-    "-o", "ConnectTimeout=5",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "IdentitiesOnly=yes",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "ConnectTimeout=5",
 ]
 
 
@@ -73,7 +81,9 @@ def die(msg: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def run(cmd: list[str], check: bool = True, capture: bool = False, **kw) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], check: bool = True, capture: bool = False, **kw
+) -> subprocess.CompletedProcess:
     kwargs = {"text": True}
     if capture:
         kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -86,7 +96,12 @@ def run(cmd: list[str], check: bool = True, capture: bool = False, **kw) -> subp
 
 
 def ok(cmd: list[str]) -> bool:
-    return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False).returncode == 0
+    return (
+        subprocess.run(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False
+        ).returncode
+        == 0
+    )
 
 
 @contextlib.contextmanager
@@ -103,15 +118,59 @@ def locked(path: Path):
 # ---------------------------------------------------------------- images
 
 
+def image_dir(release: str) -> Path:
+    """The current image version of a release (resolved, so hosts keep using the version they
+    booted from while a refresh installs a new one)."""
+    return (CACHE_DIR / release / "current").resolve()
+
+
 def image_root(release: str) -> Path:
-    return CACHE_DIR / release / "rootfs"
+    return image_dir(release) / "rootfs"
 
 
 def image_stamp(release: str) -> dict | None:
     try:
-        return json.loads((CACHE_DIR / release / "stamp.json").read_text())
+        return json.loads((image_dir(release) / "stamp.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def migrate_image_layout(release: str) -> None:
+    """Move a first-layout image (<release>/rootfs + stamp.json) into a version directory."""
+    rdir = CACHE_DIR / release
+    if (rdir / "rootfs").is_dir() and not (rdir / "current").is_symlink():
+        try:
+            built = json.loads((rdir / "stamp.json").read_text())["built"]
+        except (OSError, ValueError, KeyError):
+            built = int(time.time())
+        version = rdir / time.strftime("%Y%m%dT%H%M%S", time.gmtime(built))
+        version.mkdir()
+        (rdir / "rootfs").rename(version / "rootfs")
+        if (rdir / "stamp.json").exists():
+            (rdir / "stamp.json").rename(version / "stamp.json")
+        (rdir / "current").symlink_to(version.name)
+
+
+def images_in_use() -> set[str]:
+    used = set()
+    for hosts_json in STATE_DIR.glob("*/hosts.json"):
+        with contextlib.suppress(OSError, ValueError):
+            used.update(h.get("image", "") for h in json.loads(hosts_json.read_text())["hosts"])
+    return used
+
+
+def prune_images(release: str) -> None:
+    """Delete image versions that are neither current nor the lower layer of a lab host."""
+    rdir = CACHE_DIR / release
+    current = (rdir / "current").resolve()
+    used = images_in_use()
+    for version in rdir.iterdir():
+        if version.is_symlink() or not version.is_dir() or version == current:
+            continue
+        if str(version / "rootfs") in used:
+            log(f"image {version} still used by a lab host; kept")
+            continue
+        shutil.rmtree(version)
 
 
 def image_fresh(release: str) -> bool:
@@ -135,18 +194,27 @@ def sources_deb822(release: str) -> str:
 
 
 def build_image(release: str) -> None:
-    dest = CACHE_DIR / release
+    rdir = CACHE_DIR / release
+    rdir.mkdir(parents=True, exist_ok=True)
+    for stale in CACHE_DIR.glob(f".{release}.build-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # interrupted earlier builds (we hold the lock)
     tmp = CACHE_DIR / f".{release}.build-{os.getpid()}"
-    old = CACHE_DIR / f".{release}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     root = tmp / "rootfs"
     root.mkdir(parents=True)
     started = time.monotonic()
     log(f"debootstrap {release} into {root}")
-    run([
-        "debootstrap", "--variant=minbase", "--components=main",
-        "--include=" + ",".join(PACKAGES), release, str(root), MIRROR,
-    ], stdout=sys.stderr)
+    run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            "--components=main",
+            "--include=" + ",".join(PACKAGES),
+            release,
+            str(root),
+            MIRROR,
+        ],
+        stdout=sys.stderr,
+    )
     # apt sources: the release, its updates and security (no backports: roles add what they need)
     (root / "etc/apt/sources.list").unlink(missing_ok=True)
     (root / "etc/apt/sources.list.d").mkdir(parents=True, exist_ok=True)
@@ -175,8 +243,14 @@ def build_image(release: str) -> None:
     (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
     # No consoles, no periodic apt jobs racing the tests.
     wants = root / "etc/systemd/system"
-    for unit in ("getty@tty1.service", "console-getty.service", "apt-daily.timer",
-                 "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer"):
+    for unit in (
+        "getty@tty1.service",
+        "console-getty.service",
+        "apt-daily.timer",
+        "apt-daily-upgrade.timer",
+        "e2scrub_all.timer",
+        "fstrim.timer",
+    ):
         link = wants / unit
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")
@@ -185,15 +259,24 @@ def build_image(release: str) -> None:
     (root / "etc/ssh/sshd_config.d/10-facepipe-lab.conf").write_text(
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUseDNS no\n"
     )
-    stamp = {"release": release, "built": int(time.time()), "format": IMAGE_FORMAT,
-             "packages": PACKAGES, "mirror": MIRROR,
-             "seconds": round(time.monotonic() - started, 1)}
+    stamp = {
+        "release": release,
+        "built": int(time.time()),
+        "format": IMAGE_FORMAT,
+        "packages": PACKAGES,
+        "mirror": MIRROR,
+        "seconds": round(time.monotonic() - started, 1),
+    }
     (tmp / "stamp.json").write_text(json.dumps(stamp, indent=2) + "\n")
-    # atomic-ish swap: old -> .old, tmp -> dest, drop old
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    # Install: move the finished tree into a new version directory, then switch the
+    # `current` symlink atomically (rename over it); old versions go once no host uses them.
+    version = time.strftime("%Y%m%dT%H%M%S", time.gmtime(stamp["built"]))
+    tmp.rename(rdir / version)
+    link = rdir / f".current-{os.getpid()}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(version)
+    link.replace(rdir / "current")
+    prune_images(release)
     log(f"image {release} built in {stamp['seconds']} s")
 
 
@@ -202,6 +285,7 @@ def ensure_images(releases: list[str], refresh: bool = False) -> None:
         if release not in RELEASES:
             die(f"unknown release {release!r} (known: {', '.join(RELEASES)})")
         with locked(CACHE_DIR / f".{release}.lock"):
+            migrate_image_layout(release)
             if refresh or not image_fresh(release):
                 build_image(release)
             else:
@@ -211,8 +295,15 @@ def ensure_images(releases: list[str], refresh: bool = False) -> None:
 def cmd_images(args) -> None:
     ensure_images(args.release or list(RELEASES), args.refresh)
     for release in args.release or RELEASES:
-        print(json.dumps({"release": release, "path": str(image_root(release)),
-                          "stamp": image_stamp(release)}))
+        print(
+            json.dumps(
+                {
+                    "release": release,
+                    "path": str(image_root(release)),
+                    "stamp": image_stamp(release),
+                }
+            )
+        )
 
 
 # ---------------------------------------------------------------- lab state
@@ -332,7 +423,7 @@ table bridge {table} {{
     cut = cut_state(lab)
     run(["nft", "-f", "-"], input=ruleset)
     # restore cuts across re-runs of up
-    for host, (addr, veth) in cut.items():
+    for addr, veth in cut.values():
         apply_cut(lab, addr, veth, True)
 
 
@@ -344,8 +435,15 @@ def cut_state(lab: str) -> dict:
 def apply_cut(lab: str, address: str, veth: str, cut: bool) -> None:
     table = nft_table(lab)
     verb = "add" if cut else "delete"
-    for fam, setname, elem in (("inet", "cut_addrs", address), ("bridge", "cut_ports", f'"{veth}"')):
-        proc = run(["nft", verb, "element", fam, table, setname, f"{{ {elem} }}"], check=False, capture=True)
+    for fam, setname, elem in (
+        ("inet", "cut_addrs", address),
+        ("bridge", "cut_ports", f'"{veth}"'),
+    ):
+        proc = run(
+            ["nft", verb, "element", fam, table, setname, f"{{ {elem} }}"],
+            check=False,
+            capture=True,
+        )
         if proc.returncode != 0 and cut:
             die(f"nft {verb} element failed: {proc.stderr.strip()}")
 
@@ -371,14 +469,33 @@ def ssh_cmd(state: dict, address: str, *remote: str, tty: bool = False) -> list[
 def ensure_key(lab: str) -> Path:
     key = lab_dir(lab) / "id_ed25519"
     if not key.exists():
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"facepipe-lab-{lab}", "-f", str(key)])
+        run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                f"facepipe-lab-{lab}",
+                "-f",
+                str(key),
+            ]
+        )
     return key
 
 
-def write_identity(root: Path, name: str, address: str, all_hosts: list[dict], gateway: str) -> None:
+def write_identity(
+    root: Path, name: str, address: str, all_hosts: list[dict], gateway: str
+) -> None:
     (root / "etc/hostname").write_text(name + "\n")
-    lines = ["127.0.0.1\tlocalhost", f"127.0.1.1\t{name}", f"{gateway}\tgateway",
-             "::1\tlocalhost ip6-localhost ip6-loopback"]
+    lines = [
+        "127.0.0.1\tlocalhost",
+        f"127.0.1.1\t{name}",
+        f"{gateway}\tgateway",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+    ]
     lines += [f"{h['address']}\t{h['name']}" for h in all_hosts if h["name"] != name]
     (root / "etc/hosts").write_text("\n".join(lines) + "\n")
 
@@ -391,20 +508,42 @@ def resolv_conf() -> str:
     if not good:
         upstream = os.environ.get("FACEPIPE_LAB_DNS")
         if not upstream:
-            die("controller resolver is loopback-only; set FACEPIPE_LAB_DNS to an upstream resolver")
+            die(
+                "controller resolver is loopback-only; set FACEPIPE_LAB_DNS to an upstream resolver"
+            )
         good = upstream.split(",")
-    return "".join(f"nameserver {s}\n" for s in good if ":" not in s) + "options timeout:2 attempts:3\n"
+    return (
+        "".join(f"nameserver {s}\n" for s in good if ":" not in s)
+        + "options timeout:2 attempts:3\n"
+    )
 
 
 def prepare_rootfs(lab: str, host: dict, state: dict) -> Path:
     hdir = lab_dir(lab) / host["name"]
     root = hdir / "rootfs"
-    if root.exists():
-        shutil.rmtree(root)
+    remove_rootfs(hdir)
     hdir.mkdir(parents=True, exist_ok=True)
-    run(["cp", "-a", "--reflink=auto", str(image_root(host["release"])), str(root)])
+    lower = image_root(host["release"])
+    host["image"] = str(lower)
+    # The image is the read-only lower layer of an overlay: nothing to copy, and only the
+    # host's changes (upper) take space. Falls back to a full copy where overlayfs fails.
+    for sub in ("rootfs", "upper", "work"):
+        (hdir / sub).mkdir()
+    opts = f"lowerdir={lower},upperdir={hdir / 'upper'},workdir={hdir / 'work'}"
+    if not ok(["mount", "-t", "overlay", "overlay", "-o", opts, str(root)]):
+        log(f"{host['name']}: overlay mount failed, copying the image instead")
+        host["image"] = ""
+        root.rmdir()
+        run(["cp", "-a", "--reflink=auto", str(lower), str(root)])
     (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
-    run(["ssh-keygen", "-q", "-A", "-f", str(root)], stdout=sys.stderr)
+    for kind in ("ed25519", "ecdsa"):  # per-host host keys (RSA skipped: slow, unneeded)
+        key = root / f"etc/ssh/ssh_host_{kind}_key"
+        run(
+            ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{host['name']}", "-f", str(key)]
+        )
+    (root / "etc/ssh/sshd_config.d/20-facepipe-lab-hostkeys.conf").write_text(
+        "HostKey /etc/ssh/ssh_host_ed25519_key\nHostKey /etc/ssh/ssh_host_ecdsa_key\n"
+    )
     ssh_dir = root / "root/.ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     pub = Path(state["ssh_key"] + ".pub").read_text()
@@ -434,7 +573,10 @@ def ensure_netns(lab: str, host: dict, state: dict) -> None:
     run(["ip", "-n", ns, "link", "set", "lo", "up"])
     run(["ip", "-n", ns, "link", "set", "eth0", "up"])
     addr = f"{host['address']}/{net.prefixlen}"
-    if addr not in run(["ip", "-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"], capture=True).stdout:
+    if (
+        addr
+        not in run(["ip", "-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"], capture=True).stdout
+    ):
         run(["ip", "-n", ns, "addr", "add", addr, "dev", "eth0"])
     run(["ip", "-n", ns, "route", "replace", "default", "via", state["gateway"]])
 
@@ -443,13 +585,28 @@ def boot(lab: str, host: dict) -> int:
     hdir = lab_dir(lab) / host["name"]
     logf = open(hdir / "console.log", "ab")
     cmd = [
-        "systemd-nspawn", "--quiet", "-D", str(hdir / "rootfs"), "--boot",
-        "--register=no", "--keep-unit", f"--machine={host['name']}",
+        "systemd-nspawn",
+        "--quiet",
+        "-D",
+        str(hdir / "rootfs"),
+        "--boot",
+        "--register=no",
+        "--keep-unit",
+        f"--machine={host['name']}",
         f"--network-namespace-path=/run/netns/{host['netns']}",
-        "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=read-only",
+        "--resolv-conf=off",
+        "--timezone=off",
+        "--link-journal=no",
+        "--console=read-only",
     ]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                            start_new_session=True, close_fds=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        close_fds=True,
+    )
     (hdir / "nspawn.pid").write_text(f"{proc.pid}\n")
     return proc.pid
 
@@ -459,7 +616,10 @@ def wait_ready(state: dict, host: dict, timeout: float = 120) -> str:
     addr = host["address"]
     while time.monotonic() < deadline:
         if not host_running(state["lab"], host["name"]):
-            die(f"{host['name']}: nspawn exited; see {lab_dir(state['lab']) / host['name'] / 'console.log'}")
+            die(
+                f"{host['name']}: nspawn exited; see "
+                f"{lab_dir(state['lab']) / host['name'] / 'console.log'}"
+            )
         try:
             with socket.create_connection((addr, 22), timeout=2):
                 break
@@ -469,18 +629,37 @@ def wait_ready(state: dict, host: dict, timeout: float = 120) -> str:
         die(f"{host['name']}: ssh port not reachable at {addr} after {timeout}s")
     while time.monotonic() < deadline:
         left = max(5, int(deadline - time.monotonic()))
-        proc = run(ssh_cmd(state, addr, f"timeout {left} systemctl is-system-running --wait"),
-                   check=False, capture=True)
+        proc = run(
+            ssh_cmd(state, addr, f"timeout {left} systemctl is-system-running --wait"),
+            check=False,
+            capture=True,
+        )
         status = proc.stdout.strip()
         if status in ("running", "degraded"):
             if status == "degraded":
-                failed = run(ssh_cmd(state, addr, "systemctl --failed --no-legend --plain"),
-                             check=False, capture=True).stdout.strip()
+                failed = run(
+                    ssh_cmd(state, addr, "systemctl --failed --no-legend --plain"),
+                    check=False,
+                    capture=True,
+                ).stdout.strip()
                 log(f"{host['name']}: degraded; failed units: {failed}")
             return status
         time.sleep(1)
     die(f"{host['name']}: system did not reach running state in {timeout}s")
     return ""
+
+
+def remove_rootfs(hdir: Path) -> None:
+    """Unmount a host's overlay root and delete its layers (never the image below)."""
+    root = hdir / "rootfs"
+    if os.path.ismount(root):
+        if not ok(["umount", str(root)]):
+            run(["umount", "--lazy", str(root)], check=False)
+    if os.path.ismount(root):
+        die(f"{root} is still mounted; refusing to delete below it")
+    for sub in ("rootfs", "upper", "work"):
+        if (hdir / sub).exists():
+            shutil.rmtree(hdir / sub)
 
 
 def stop_host(lab: str, host: dict, timeout: float = 30) -> None:
@@ -492,6 +671,7 @@ def stop_host(lab: str, host: dict, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.3)
+        log(f"{host['name']}: stopped in {time.monotonic() - deadline + timeout:.1f}s")
         if pid_alive(pid):
             log(f"{host['name']}: nspawn {pid} did not stop, killing its process group")
             with contextlib.suppress(ProcessLookupError):
@@ -507,9 +687,12 @@ def stop_host(lab: str, host: dict, timeout: float = 30) -> None:
         run(["ip", "netns", "del", ns], check=False)
     veth = host.get("veth") or veth_names(lab, host["name"])[0]
     if link_exists(veth):
-        run(["ip", "link", "del", veth], check=False)
+        run(["ip", "link", "del", veth], check=False, capture=True)
     hdir = lab_dir(lab) / host["name"]
     (hdir / "nspawn.pid").unlink(missing_ok=True)
+    root = hdir / "rootfs"
+    if os.path.ismount(root) and not ok(["umount", str(root)]):
+        run(["umount", "--lazy", str(root)], check=False)
 
 
 def parse_host(spec: str) -> dict:
@@ -539,12 +722,22 @@ def cmd_up(args) -> None:
     with locked(lab_dir(lab) / ".lock"):
         state = load_state(lab) or {}
         if state and (state.get("subnet") != str(net) or state.get("bridge") != args.bridge):
-            die(f"lab {lab} exists with subnet {state.get('subnet')} bridge {state.get('bridge')}; run down first")
-        state.update(lab=lab, subnet=str(net), bridge=args.bridge,
-                     gateway=str(net.network_address + 1), ssh_key=str(ensure_key(lab)))
+            die(
+                f"lab {lab} exists with subnet {state.get('subnet')} bridge {state.get('bridge')}; "
+                "run down first"
+            )
+        state.update(
+            lab=lab,
+            subnet=str(net),
+            bridge=args.bridge,
+            gateway=str(net.network_address + 1),
+            ssh_key=str(ensure_key(lab)),
+        )
         known = {h["name"]: h for h in state.get("hosts", [])}
         used = {h["address"] for h in known.values()}
-        free = (str(net.network_address + i) for i in range(HOST_FIRST_OCTET, net.num_addresses - 1))
+        free = (
+            str(net.network_address + i) for i in range(HOST_FIRST_OCTET, net.num_addresses - 1)
+        )
         hosts = []
         for w in wanted:
             old = known.pop(w["name"], None)
@@ -570,17 +763,25 @@ def cmd_up(args) -> None:
             if host_running(lab, h["name"]):
                 log(f"{h['name']}: already running ({h['address']})")
                 ensure_netns(lab, h, state)
-                write_identity(lab_dir(lab) / h["name"] / "rootfs", h["name"], h["address"],
-                               state["hosts"], state["gateway"])
+                write_identity(
+                    lab_dir(lab) / h["name"] / "rootfs",
+                    h["name"],
+                    h["address"],
+                    state["hosts"],
+                    state["gateway"],
+                )
                 continue
             stop_host(lab, h)  # clean leftovers of a crashed host
             t0 = time.monotonic()
             root = prepare_rootfs(lab, h, state)
             write_identity(root, h["name"], h["address"], state["hosts"], state["gateway"])
             ensure_netns(lab, h, state)
+            save_state(state)  # records the image version the host is layered on
             pid = boot(lab, h)
-            log(f"{h['name']}: booting {h['release']} at {h['address']} (nspawn pid {pid}, "
-                f"copy {time.monotonic() - t0:.1f}s)")
+            log(
+                f"{h['name']}: booting {h['release']} at {h['address']} (nspawn pid {pid}, "
+                f"copy {time.monotonic() - t0:.1f}s)"
+            )
             started.append(h)
         for h in started:
             status = wait_ready(state, h, timeout=args.timeout)
@@ -593,13 +794,21 @@ def cmd_up(args) -> None:
 
 def write_inventory(state: dict, path: Path) -> None:
     """A YAML inventory (JSON is valid YAML) with the hosts, their groups and ssh settings."""
-    inv: dict = {"all": {"hosts": {}, "children": {}, "vars": {
-        "ansible_user": "root",
-        "ansible_ssh_private_key_file": state["ssh_key"],
-        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
-        "facepipe_lab_name": state["lab"],
-        "facepipe_lab_gateway": state["gateway"],
-    }}}
+    inv: dict = {
+        "all": {
+            "hosts": {},
+            "children": {},
+            "vars": {
+                "ansible_user": "root",
+                "ansible_ssh_private_key_file": state["ssh_key"],
+                "ansible_ssh_common_args": (
+                    "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+                ),
+                "facepipe_lab_name": state["lab"],
+                "facepipe_lab_gateway": state["gateway"],
+            },
+        }
+    }
     for h in state["hosts"]:
         inv["all"]["hosts"][h["name"]] = {"ansible_host": h["address"]}
         for g in h["groups"]:
@@ -628,12 +837,16 @@ def cmd_down(args) -> None:
                     os.kill(pid, signal.SIGTERM)  # start all shutdowns in parallel
         for h in hosts:
             stop_host(lab, h, timeout=args.timeout)
-        # stray netns of this lab (from a lost state file)
-        for ns in Path("/run/netns").glob(f"fp-{lab}-*") if Path("/run/netns").exists() else []:
-            run(["ip", "netns", "del", ns.name], check=False)
         teardown_network(lab, state.get("bridge") or args.bridge)
         if ldir.exists():
+            for d in ldir.iterdir():
+                if d.is_dir():
+                    remove_rootfs(d)
             shutil.rmtree(ldir)
+    for release in RELEASES:  # image versions that were kept only for this lab's hosts
+        if (CACHE_DIR / release / "current").is_symlink():
+            with locked(CACHE_DIR / f".{release}.lock"):
+                prune_images(release)
     log(f"lab {lab} is down")
 
 
@@ -672,8 +885,14 @@ def cmd_status(args) -> None:
         h["running"] = host_running(args.lab, h["name"])
         h["pid"] = host_pid(args.lab, h["name"])
         if h["running"]:
-            h["system"] = run(ssh_cmd(state, h["address"], "systemctl is-system-running"),
-                              check=False, capture=True).stdout.strip() or "unreachable"
+            h["system"] = (
+                run(
+                    ssh_cmd(state, h["address"], "systemctl is-system-running"),
+                    check=False,
+                    capture=True,
+                ).stdout.strip()
+                or "unreachable"
+            )
     state["bridge_exists"] = link_exists(state["bridge"])
     print(json.dumps(state, indent=2))
 
@@ -687,7 +906,9 @@ def main(argv: list[str] | None = None) -> None:
     s.set_defaults(func=cmd_images)
     s = sub.add_parser("up", help="create (or reuse) a lab and boot its hosts")
     s.add_argument("--lab", required=True)
-    s.add_argument("--subnet", required=True, help="e.g. 10.231.40.0/24; gateway is .1, hosts .11..")
+    s.add_argument(
+        "--subnet", required=True, help="e.g. 10.231.40.0/24; gateway is .1, hosts .11.."
+    )
     s.add_argument("--bridge", required=True, help="bridge name, at most 15 characters")
     s.add_argument("--host", action="append", required=True, metavar="NAME:RELEASE[:GROUP,...]")
     s.add_argument("--inventory", help="also write an Ansible YAML inventory to this path")
@@ -699,7 +920,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--timeout", type=float, default=30)
     s.set_defaults(func=cmd_down)
     for name, cut in (("cut", True), ("heal", False)):
-        s = sub.add_parser(name, help=f"{'cut' if cut else 'restore'} a host's network to peers and outside")
+        s = sub.add_parser(
+            name, help=f"{'cut' if cut else 'restore'} a host's network to peers and outside"
+        )
         s.add_argument("--lab", required=True)
         s.add_argument("--host", required=True)
         s.set_defaults(func=lambda a, c=cut: cmd_cut(a, c))
