@@ -5,9 +5,9 @@ since start for live sources, so a file yields the same faces however fast it is
 
 - Detections are matched to tracks greedily by IoU (highest first, at least
   ``iou_threshold``); an unmatched detection starts a new track with a fresh id.
-- A track is *confirmed* once it was seen in ``min_hits`` frames. Until then nothing is
-  published: a detection that flickers for one or two frames (a typical Haar false
-  positive) never leaves the device.
+- A track is *confirmed* once it was seen in ``min_hits`` consecutive processed frames.
+  Until then nothing is published: a detection that flickers for one or two frames (a
+  typical Haar false positive), even if it recurs at the same place, never leaves the device.
 - On confirmation the track publishes the best observation seen so far; after that it
   publishes at most once per ``min_interval`` seconds, each time the best observation seen
   since its previous publish. "Best" is the caller's ``quality`` (sharpness x area).
@@ -62,6 +62,7 @@ class Track(Generic[T]):
     box: Box
     first_time: float
     hits: int = 1
+    streak: int = 0  # consecutive frames with a detection
     misses: int = 0
     published: int = 0
     last_publish_time: float | None = None
@@ -114,6 +115,7 @@ class Tracker(Generic[T]):
                 track.misses = 0
             matched_tracks.add(id(track))
             track.hits += 1
+            track.streak += 1
             track.box = obs.box
             cand = _Candidate(frame, source_time, obs)
             if track.best is None or obs.quality > track.best.observation.quality:
@@ -125,6 +127,7 @@ class Tracker(Generic[T]):
         for track in self.tracks:
             if id(track) not in matched_tracks:
                 track.misses += 1
+                track.streak = 0
                 if track.misses > self.max_missed:
                     if not track.confirmed:
                         self.suppressed += 1
@@ -134,7 +137,7 @@ class Tracker(Generic[T]):
         return out
 
     def _maybe_publish(self, track: Track[T], now: float) -> Publish[T] | None:
-        if track.hits < self.min_hits or track.best is None:
+        if track.best is None or (not track.confirmed and track.streak < self.min_hits):
             return None
         if track.last_publish_time is not None and now - track.last_publish_time < (
             self.min_interval
