@@ -313,6 +313,10 @@ def lab_dir(lab: str) -> Path:
     return STATE_DIR / lab
 
 
+def lab_lock(lab: str) -> Path:
+    return STATE_DIR / f".{lab}.lock"
+
+
 def load_state(lab: str) -> dict | None:
     try:
         return json.loads((lab_dir(lab) / "hosts.json").read_text())
@@ -422,6 +426,7 @@ table bridge {table} {{
 """
     cut = cut_state(lab)
     run(["nft", "-f", "-"], input=ruleset)
+    iptables_forward(lab, bridge, add=True)
     # restore cuts across re-runs of up
     for addr, veth in cut.values():
         apply_cut(lab, addr, veth, True)
@@ -448,8 +453,29 @@ def apply_cut(lab: str, address: str, veth: str, cut: bool) -> None:
             die(f"nft {verb} element failed: {proc.stderr.strip()}")
 
 
+def iptables_forward(lab: str, bridge: str, add: bool) -> None:
+    """Docker and similar set the iptables FORWARD policy to DROP, which our nft table cannot
+    override: when that is the case, accept the lab bridge's traffic there too (tagged with a
+    comment so down removes exactly these rules)."""
+    if not shutil.which("iptables"):
+        return
+    rules = [["-i", bridge], ["-o", bridge]]
+    tag = ["-m", "comment", "--comment", nft_table(lab)]
+    for r in rules:
+        present = ok(["iptables", "-C", "FORWARD", *r, *tag, "-j", "ACCEPT"])
+        if add and not present:
+            policy = run(["iptables", "-S", "FORWARD"], check=False, capture=True).stdout
+            if "-P FORWARD DROP" in policy:
+                run(["iptables", "-I", "FORWARD", *r, *tag, "-j", "ACCEPT"], check=False)
+        elif not add:
+            while ok(["iptables", "-D", "FORWARD", *r, *tag, "-j", "ACCEPT"]):
+                pass
+
+
 def teardown_network(lab: str, bridge: str | None) -> None:
     table = nft_table(lab)
+    if bridge:
+        iptables_forward(lab, bridge, add=False)
     for fam in ("inet", "bridge"):
         run(["nft", "delete", "table", fam, table], check=False, capture=True)
     if bridge and link_exists(bridge):
@@ -719,7 +745,8 @@ def cmd_up(args) -> None:
     if len({h["name"] for h in wanted}) != len(wanted):
         die("duplicate host names")
     ensure_images(sorted({h["release"] for h in wanted}))
-    with locked(lab_dir(lab) / ".lock"):
+    with locked(lab_lock(lab)):
+        lab_dir(lab).mkdir(parents=True, exist_ok=True)
         state = load_state(lab) or {}
         if state and (state.get("subnet") != str(net) or state.get("bridge") != args.bridge):
             die(
@@ -822,7 +849,7 @@ def cmd_down(args) -> None:
     lab = args.lab
     ldir = lab_dir(lab)
     state = load_state(lab) or {"lab": lab, "hosts": []}
-    with locked(STATE_DIR / f".{lab}.down.lock"):
+    with locked(lab_lock(lab)):
         names = {h["name"] for h in state.get("hosts", [])}
         # also hosts whose state was lost but whose directories remain
         if ldir.exists():
@@ -862,7 +889,7 @@ def get_host(args) -> tuple[dict, dict]:
 
 
 def cmd_cut(args, cut: bool = True) -> None:
-    with locked(lab_dir(args.lab) / ".lock"):
+    with locked(lab_lock(args.lab)):
         state, h = get_host(args)
         apply_cut(args.lab, h["address"], h["veth"], cut)
         h["cut"] = cut
