@@ -21,7 +21,6 @@ import signal
 import threading
 import time
 from argparse import Namespace
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
@@ -33,6 +32,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from facepipe import contract
 from facepipe.boxes import Box
@@ -117,6 +117,7 @@ COUNTERS: Final = (
     "published",
     "acked",
     "publish_dropped",
+    "publish_refused",
     "read_errors",
 )
 
@@ -128,7 +129,12 @@ class Crop:
 
 
 class Publisher:
-    """Publishes face messages and keeps the ones not yet acknowledged."""
+    """Publishes messages and tracks the ones the broker has not acknowledged yet.
+
+    Acknowledgements come from paho's ``on_publish`` (PUBACK for QoS 1, sent for QoS 0),
+    matched by message id. ``MQTTMessageInfo.is_published`` is not used: it raises for a
+    message published while disconnected, although paho still holds and later sends it.
+    """
 
     def __init__(
         self, session: MqttSession, topic: str, qos: int, max_pending: int, counters: Counters
@@ -138,28 +144,73 @@ class Publisher:
         self.qos = qos
         self.max_pending = max_pending
         self.counters = counters
-        self.pending: deque[paho.MQTTMessageInfo] = deque()
+        self._lock = threading.Lock()
+        self._pending: dict[int, bool] = {}  # mid -> is a face
+        self._early: set[int] = set()  # acks that arrived before publish() returned
         self.properties: Properties | None = None
         if session.settings.v5:
             self.properties = Properties(PacketTypes.PUBLISH)
             self.properties.ContentType = contract.CONTENT_TYPE
+        session.client.on_publish = self._on_publish
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.warning("broker refused message %d: %s", mid, reason)
+            self.counters.inc("publish_refused")
+        with self._lock:
+            is_face = self._pending.pop(mid, None)
+            if is_face is None:
+                self._early.add(mid)
+        if is_face:
+            self.counters.inc("acked")
+
+    def _track(self, mid: int, is_face: bool) -> None:
+        with self._lock:
+            if mid in self._early:
+                self._early.discard(mid)
+                acked_now = True
+            else:
+                self._pending[mid] = is_face
+                acked_now = False
+        if acked_now and is_face:
+            self.counters.inc("acked")
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
 
     def prune(self) -> int:
-        """Forget acknowledged messages (in order); return how many are still pending."""
-        while self.pending and self.pending[0].is_published():
-            self.pending.popleft()
-            self.counters.inc("acked")
-        return len(self.pending)
+        return self.pending()
 
     def publish(self, payload: bytes) -> bool:
+        """Publish a face; False if paho's bounded queue is full (counted as dropped)."""
         info = self.session.publish(self.topic, payload, self.qos, properties=self.properties)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             self.counters.inc("publish_dropped")
             return False
-        # MQTT_ERR_NO_CONN still queues QoS 1 messages: paho sends them after reconnecting.
+        # MQTT_ERR_NO_CONN still queues the message: paho sends it after reconnecting.
         self.counters.inc("published")
-        self.pending.append(info)
+        self._track(info.mid, True)
         return True
+
+    def publish_status(self, topic: str, payload: bytes) -> int | None:
+        """A retained QoS 1 status message; returns its mid (None if it could not be queued)."""
+        info = self.session.publish(topic, payload, 1, retain=True)
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            return None
+        self._track(info.mid, False)
+        return info.mid
+
+    def is_acked(self, mid: int | None) -> bool:
+        with self._lock:
+            return mid is not None and mid not in self._pending
 
     def wait_room(self, stop: threading.Event, tick: Callable[[], None]) -> None:
         """Block (file sources) while ``max_pending`` messages are unacknowledged."""
@@ -182,7 +233,7 @@ class Publisher:
             if deadline is not None and now >= deadline:
                 return False
             if now - last_log >= 10:
-                log.info("waiting for %d acknowledgement(s)", len(self.pending))
+                log.info("waiting for %d acknowledgement(s)", self.pending())
                 last_log = now
             tick()
             time.sleep(0.02)
@@ -349,7 +400,7 @@ def run(argv: list[str] | None = None) -> int:
         nonlocal announced
         if session.connects != announced:  # (re)connected: the Will may have said offline
             announced = session.connects
-            session.publish(status, ONLINE, qos=1, retain=True)
+            publisher.publish_status(status, ONLINE)
         counters.set_gauge("pending", publisher.prune())
         counters.set_gauge("source_up", 0.0 if source.live and not _up(source) else 1.0)
         reporter.tick()
@@ -378,12 +429,14 @@ def run(argv: list[str] | None = None) -> int:
     _sync_source_counters(source, counters)
     drained = publisher.drain(stop, opts.drain_timeout, tick)
     if not drained:
-        log.warning("%d face(s) not acknowledged before the drain timeout", len(publisher.pending))
+        log.warning("%d message(s) not acknowledged before the drain timeout", publisher.pending())
     if session.connected.is_set():
-        info = session.publish(status, OFFLINE, qos=1, retain=True)
-        MqttSession.wait_published([info], 5.0)
+        mid = publisher.publish_status(status, OFFLINE)
+        deadline = time.monotonic() + 5.0
+        while not publisher.is_acked(mid) and time.monotonic() < deadline:
+            time.sleep(0.01)
     session.stop()
-    counters.set_gauge("pending", len(publisher.pending))
+    counters.set_gauge("pending", publisher.pending())
     log.info("stopped: %s", reporter.line())
     return 0
 
