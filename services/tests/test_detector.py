@@ -1,0 +1,298 @@
+"""face-detector against a real mosquitto, with the sample clip as its camera."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from conftest import Broker, program_env, start_program, wait_for
+from paho.mqtt.enums import CallbackAPIVersion
+
+from facepipe import contract
+
+DEVICE = "cam-test.1"
+
+
+@dataclass
+class Collector:
+    """Subscribes to <prefix>/# and keeps every message (topic, payload, retain)."""
+
+    host: str
+    port: int
+    messages: list[tuple[str, bytes, bool]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        self.client.connect(self.host, self.port)
+        self.client.subscribe("faces/#", qos=1)
+        self.client.loop_start()
+        assert self.subscribed.wait(10)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def faces(self) -> list[tuple[contract.FaceMeta, bytes]]:
+        with self.lock:
+            return [contract.decode_face(p) for t, p, _ in self.messages if t == f"faces/{DEVICE}"]
+
+    def statuses(self) -> list[tuple[bytes, bool]]:
+        with self.lock:
+            return [(p, r) for t, p, r in self.messages if t == f"faces/{DEVICE}/status"]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def detector_env(broker: Broker, source: str | Path, **extra: str) -> dict[str, str]:
+    return program_env(
+        broker.env,
+        {"FACEPIPE_SOURCE": str(source), "FACEPIPE_DEVICE_ID": DEVICE},
+        {f"FACEPIPE_{k.upper()}": v for k, v in extra.items()},
+    )
+
+
+@dataclass
+class Run:
+    returncode: int
+    log: str
+    faces: list[tuple[contract.FaceMeta, bytes]]
+    statuses: list[tuple[bytes, bool]]
+    retained_after: list[tuple[bytes, bool]]
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def clip_run(sample_clip, tmp_path_factory) -> Run:
+    """One run of the detector over the whole sample clip (as fast as possible)."""
+    clip, _ = sample_clip
+    workdir = tmp_path_factory.mktemp("detector-run")
+    broker = Broker(workdir)
+    broker.start()
+    try:
+        collector = Collector(broker.host, broker.port)
+        log = workdir / "detector.log"
+        env = detector_env(broker, clip, realtime="false")
+        started = time.monotonic()
+        proc = start_program("detector", env, log=log)
+        code = proc.wait(120)
+        seconds = time.monotonic() - started
+        time.sleep(0.3)  # let the last messages reach the collector
+        collector.close()
+        late = Collector(broker.host, broker.port)  # a new subscriber: what is retained now
+        time.sleep(0.5)
+        late.close()
+        return Run(
+            code,
+            log.read_text(errors="replace"),
+            collector.faces(),
+            collector.statuses(),
+            late.statuses(),
+            seconds,
+        )
+    finally:
+        broker.stop()
+
+
+def in_face_segment(truth: dict, frame: int) -> bool:
+    return any(s["start"] <= frame < s["end"] and s["faces"] > 0 for s in truth["segments"])
+
+
+def test_file_source_exits_0_after_all_publishes_are_acknowledged(clip_run):
+    assert clip_run.returncode == 0, clip_run.log
+    stopped = [line for line in clip_run.log.splitlines() if "stopped:" in line][-1]
+    published = int(stopped.split("published=")[1].split()[0])
+    acked = int(stopped.split("acked=")[1].split()[0])
+    assert published == acked == len(clip_run.faces) > 0
+    assert "publish_dropped=0" in stopped
+
+
+def test_publishes_faces_only_in_face_segments_and_not_one_per_frame(clip_run, sample_clip):
+    _, truth = sample_clip
+    frames = [meta.frame for meta, _ in clip_run.faces]
+    assert frames, clip_run.log
+    outside = [f for f in frames if not in_face_segment(truth, f)]
+    assert outside == [], f"faces published outside the face segments: {outside}"
+    face_frames = sum(s["end"] - s["start"] for s in truth["segments"] if s["faces"])
+    assert len(frames) <= face_frames / 10, "the tracker should not publish one face per frame"
+    # Every face segment produced faces, and the two-face segment at least two tracks.
+    for seg in (s for s in truth["segments"] if s["faces"]):
+        tracks = {m.track_id for m, _ in clip_run.faces if seg["start"] <= m.frame < seg["end"]}
+        assert len(tracks) >= seg["faces"], (seg, tracks)
+
+
+def test_published_metadata_and_crops_are_valid(clip_run, sample_clip):
+    _, truth = sample_clip
+    face_ids = set()
+    for meta, payload in clip_run.faces:
+        assert meta.device_id == DEVICE
+        assert meta.detector == "haar:frontalface_default"
+        assert meta.track_id
+        face_ids.add(meta.face_id)
+        x, y, w, h = meta.bbox
+        assert x >= 0 and y >= 0 and x + w <= truth["width"] and y + h <= truth["height"]
+        # The bbox overlaps a ground-truth face of that frame.
+        best = max((_iou(meta.bbox, gt) for gt in truth["boxes"][meta.frame]), default=0.0)
+        assert best >= 0.3, (meta.frame, meta.bbox, truth["boxes"][meta.frame])
+        image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None and image.shape[0] >= h and image.shape[1] >= w
+    assert len(face_ids) == len(clip_run.faces), "face_id must be unique per published crop"
+
+
+def test_status_goes_online_then_offline_and_stays_retained(clip_run):
+    assert [p for p, _ in clip_run.statuses] == [b"online", b"offline"], clip_run.statuses
+    assert clip_run.retained_after == [(b"offline", True)]
+
+
+def test_realtime_file_plays_at_its_own_frame_rate(mosquitto, sample_clip, tmp_path):
+    """2 s of a 20 fps clip take about 2 s in realtime mode (folder of the first 40 frames)."""
+    clip, truth = sample_clip
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    cap = cv2.VideoCapture(str(clip))
+    for i in range(40):
+        ok, image = cap.read()
+        assert ok
+        cv2.imwrite(str(folder / f"{i:04d}.jpg"), image)
+    cap.release()
+    log = tmp_path / "detector.log"
+    started = time.monotonic()
+    env = detector_env(mosquitto, folder, fps=str(truth["fps"]))
+    proc = start_program("detector", env, log=log)
+    assert proc.wait(60) == 0, log.read_text()
+    assert time.monotonic() - started >= 40 / truth["fps"]
+
+
+def test_missing_camera_keeps_retrying_and_sigterm_exits_0(mosquitto, tmp_path):
+    log = tmp_path / "detector.log"
+    collector = Collector(mosquitto.host, mosquitto.port)
+    proc = start_program("detector", detector_env(mosquitto, "/dev/video97"), log=log)
+    try:
+        wait_for(
+            lambda: (
+                (b"online", True) in collector.statuses()
+                or (b"online", False) in collector.statuses()
+            ),
+            15,
+            "status online",
+        )
+        time.sleep(2.5)  # several reopen attempts
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert text.count("cannot be opened; retrying") == 1, text  # logged once per state change
+    assert "Traceback" not in text
+    wait_for(lambda: collector.statuses()[-1][0] == b"offline", 10, "status offline")
+    collector.close()
+
+
+def cut_clip(clip: Path, out: Path, start: int, end: int) -> Path:
+    """Frames [start, end) of ``clip`` as a new MJPG clip (keeps the tests short)."""
+    cap = cv2.VideoCapture(str(clip))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"MJPG"), fps, (640, 480))
+    for i in range(end):
+        ok, image = cap.read()
+        assert ok
+        if i >= start:
+            writer.write(image)
+    writer.release()
+    cap.release()
+    return out
+
+
+def test_broker_down_at_start_file_source_still_delivers_everything(sample_clip, tmp_path):
+    """The broker comes up late: faces wait in paho's queue and are all acknowledged."""
+    clip = cut_clip(sample_clip[0], tmp_path / "short.avi", 30, 130)  # one face segment
+    broker = Broker(tmp_path / "late")
+    (tmp_path / "late").mkdir()
+    log = tmp_path / "detector.log"
+    env = detector_env(broker, clip, realtime="false")
+    proc = start_program("detector", env, log=log)
+    try:
+        time.sleep(3)
+        assert proc.poll() is None, "must wait for the broker, not exit"
+        broker.start()
+        collector = Collector(broker.host, broker.port)
+        assert proc.wait(120) == 0, log.read_text()
+        time.sleep(0.3)
+        stopped = [line for line in log.read_text().splitlines() if "stopped:" in line][-1]
+        published = int(stopped.split("published=")[1].split()[0])
+        assert published > 0 and f"acked={published}" in stopped, stopped
+        collector.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        broker.stop()
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({}, "--source / FACEPIPE_SOURCE is required"),
+        ({"FACEPIPE_SOURCE": "/nonexistent/clip.avi"}, "--source / FACEPIPE_SOURCE"),
+        (
+            {"FACEPIPE_SOURCE": "x", "FACEPIPE_DEVICE_ID": "bad/id"},
+            "--device-id / FACEPIPE_DEVICE_ID",
+        ),
+        ({"FACEPIPE_SOURCE": "x", "FACEPIPE_QOS": "2"}, "--qos / FACEPIPE_QOS"),
+        ({"FACEPIPE_SOURCE": "x", "FACEPIPE_JPEG_QUALITY": "0"}, "--jpeg-quality"),
+        (
+            {"FACEPIPE_SOURCE": "x", "FACEPIPE_MODEL": "/nonexistent.onnx"},
+            "--model / FACEPIPE_MODEL",
+        ),
+        ({"FACEPIPE_SOURCE": "ftp://host/x"}, "--source / FACEPIPE_SOURCE"),
+    ],
+)
+def test_config_errors_exit_2_with_one_line(env, needle, tmp_path):
+    env = program_env({"FACEPIPE_DEVICE_ID": DEVICE}, env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "facepipe.detector"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("face-detector: error:") and needle in lines[0], lines[0]
+
+
+def test_flags_win_over_environment(tmp_path):
+    env = program_env({"FACEPIPE_SOURCE": "/nonexistent/env.avi", "FACEPIPE_DEVICE_ID": DEVICE})
+    proc = subprocess.run(
+        [sys.executable, "-m", "facepipe.detector", "--source", "/nonexistent/flag.avi"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "/nonexistent/flag.avi" in proc.stderr, proc.stderr
+
+
+def _iou(a, b) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    ix = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    iy = max(0, min(ay + ah, by + bh) - max(ay, by))
+    inter = ix * iy
+    return inter / (aw * ah + bw * bh - inter)
