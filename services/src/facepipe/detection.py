@@ -65,8 +65,12 @@ class HaarDetector:
         equalize: bool = False,
     ) -> None:
         path = Path(cascade) if cascade else Path(cv2.data.haarcascades) / DEFAULT_CASCADE
-        self.classifier = cv2.CascadeClassifier(str(path))
-        if self.classifier.empty():
+        try:  # a malformed XML raises (cv2.error, or SystemError from the binding)
+            self.classifier = cv2.CascadeClassifier(str(path))
+            loaded = not self.classifier.empty()
+        except (cv2.error, SystemError):
+            loaded = False
+        if not loaded:
             raise ConfigError(f"--cascade / FACEPIPE_CASCADE: cannot load a cascade from {path}")
         stem = path.stem.removeprefix("haarcascade_")
         self.name = f"haar:{stem}"
