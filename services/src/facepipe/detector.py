@@ -90,8 +90,8 @@ OPTIONS: Final = (
         "crop_margin", float_range(0, 2), 0.25, "margin around a face, as a fraction of its size"
     ),
     Option("detect_width", int_range(0, 10000), 320, "width to detect at (0 = full frame)"),
-    Option("scale_factor", float_range(1.01, 2.0), 1.1, "Haar: detectMultiScale scale factor"),
-    Option("min_neighbors", int_range(0, 50), 4, "Haar: detectMultiScale minNeighbors"),
+    Option("scale_factor", float_range(1.01, 2.0), 1.2, "Haar: detectMultiScale scale factor"),
+    Option("min_neighbors", int_range(0, 50), 3, "Haar: detectMultiScale minNeighbors"),
     Option("min_size", int_range(1, 10000), 40, "smallest face side in source pixels"),
     Option("equalize", parse_bool, False, "Haar: equalize the histogram before detecting"),
     Option("cascade", existing_file, None, "Haar cascade XML (default: OpenCV's frontalface)"),
