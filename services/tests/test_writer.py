@@ -28,9 +28,24 @@ def writer_env(mosquitto, s3, **extra: str) -> dict[str, str]:
     )
 
 
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_writers():
+    """A failed assertion must not leave a writer running (it holds a durable session)."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def start_writer(env: dict[str, str], log: Path) -> subprocess.Popen:
     before = log_text(log).count("subscribed to")
     proc = start_program("writer", env, log=log)
+    _started.append(proc)
     wait_for(
         lambda: log_text(log).count("subscribed to") > before or proc.poll() is not None,
         15,
@@ -264,8 +279,9 @@ def test_read_secret_prefers_credentials_directory(tmp_path):
         ({"FACEPIPE_MQTT_PORT": "99999"}, "FACEPIPE_MQTT_PORT"),
         ({"FACEPIPE_MQTT_PASSWORD_FILE": "/nonexistent/pw"}, "FACEPIPE_MQTT_PASSWORD_FILE"),
         ({"FACEPIPE_WORKERS": "zero"}, "FACEPIPE_WORKERS"),
+        ({"AWS_ENDPOINT_URL": "not a url"}, "AWS_"),
     ],
-    ids=["missing-bucket", "qos0", "bad-port", "unreadable-password", "bad-workers"],
+    ids=["missing-bucket", "qos0", "bad-port", "unreadable-password", "bad-workers", "bad-s3-url"],
 )
 def test_config_errors_exit_2_with_one_line(env, needle):
     full = program_env({"FACEPIPE_S3_BUCKET": "b"}, env)

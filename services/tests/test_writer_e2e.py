@@ -5,7 +5,13 @@ from __future__ import annotations
 import re
 
 from conftest import program_env, start_program, wait_for
-from test_writer import face_keys, start_writer, stop_writer, writer_env
+from test_writer import (
+    _no_leaked_writers,  # noqa: F401 (autouse: no leaked writers)
+    face_keys,
+    start_writer,
+    stop_writer,
+    writer_env,
+)
 from writer_helpers import final_counter, log_text
 
 from facepipe import contract

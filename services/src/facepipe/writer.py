@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Any, Final
 
 import paho.mqtt.client as paho
+from botocore.exceptions import BotoCoreError
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -215,6 +216,9 @@ class Writer:
                 continue
             if job is None:
                 return
+            if self.abandon.is_set():  # shutting down: leave it unacknowledged for redelivery
+                self._finished()
+                continue
             self._busy[index] = True
             try:
                 self._process(job, index)
@@ -310,7 +314,10 @@ def run(argv: list[str] | None = None) -> int:
     setup_logging(opts.log_level)
 
     counters = Counters(["received", "stored", "acked", "retries", "rejected"], ["in_flight"])
-    store = S3Store(opts.s3_bucket, workers=opts.workers)
+    try:
+        store = S3Store(opts.s3_bucket, workers=opts.workers)
+    except (ValueError, BotoCoreError) as exc:  # e.g. a malformed AWS_ENDPOINT_URL
+        raise ConfigError(f"S3 settings (boto3's AWS_* configuration): {exc}") from None
     writer = Writer(
         store,
         topic_prefix=opts.topic_prefix,
@@ -342,7 +349,13 @@ def run(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     if opts.metrics_port:
-        serve_metrics("facepipe_writer", counters, opts.metrics_address, opts.metrics_port)
+        try:
+            serve_metrics("facepipe_writer", counters, opts.metrics_address, opts.metrics_port)
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-port / FACEPIPE_METRICS_PORT: cannot listen on "
+                f"{opts.metrics_address}:{opts.metrics_port}: {exc.strerror}"
+            ) from None
     log.info(
         "storing faces from %s into %s/%s/ with %d workers",
         subscription,
