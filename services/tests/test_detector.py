@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -296,3 +297,28 @@ def _iou(a, b) -> float:
     iy = max(0, min(ay + ah, by + bh) - max(ay, by))
     inter = ix * iy
     return inter / (aw * ah + bw * bh - inter)
+
+
+def test_systemd_notify_ready_watchdog_status_stopping(mosquitto, sample_clip, tmp_path):
+    clip = cut_clip(sample_clip[0], tmp_path / "short.avi", 0, 60)
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    env = detector_env(mosquitto, clip, stats_interval="1")
+    env |= {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}
+    proc = start_program("detector", env, log=tmp_path / "detector.log")
+    received: list[str] = []
+    while proc.poll() is None or not received:
+        try:
+            received.append(sock.recv(4096).decode())
+        except TimeoutError:
+            if proc.poll() is not None:
+                break
+    sock.close()
+    assert proc.wait(30) == 0
+    text = "\n".join(received)
+    assert received[0].startswith("READY=1"), received
+    assert "WATCHDOG=1" in text
+    assert "STATUS=" in text and "frames=" in text
+    assert "STOPPING=1" in text
