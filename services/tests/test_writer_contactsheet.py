@@ -31,8 +31,8 @@ def fill_bucket(s3) -> list[contract.FaceMeta]:
             ContentType="image/jpeg",
             Metadata=contract.s3_metadata(meta),
         )
-        metas.append(meta)
-        time.sleep(1.05)  # S3 LastModified has one-second resolution: make "newest" defined
+        metas.append(meta)  # same second: ordered by capture stamp (later index, later)
+    time.sleep(1.05)  # S3 LastModified has one-second resolution: the next one is newest
     s3.client.put_object(Bucket=s3.bucket, Key=EVIL_KEY, Body=b"not an image")
     s3.client.put_object(Bucket=s3.bucket, Key="rejected/2026/x.bin", Body=b"outside the prefix")
     return metas

@@ -66,20 +66,22 @@ def list_newest(
 ) -> tuple[list[Listed], Counter[str]]:
     """The newest ``limit`` faces (bounded memory) and a count per device of all of them."""
     counts: Counter[str] = Counter()
-    newest: list[tuple[datetime, str, Listed]] = []
+    # LastModified has one-second resolution; within a second, order by the key's capture
+    # stamp (<device>/<YYYY>/<MM>/<DD>/<HHMMSS.mmm>_...), then by the key itself.
+    newest: list[tuple[datetime, str, str, Listed]] = []
     base = prefix.strip("/") + "/"
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
         for obj in page.get("Contents", []):
             key = obj["Key"]
-            device = key[len(base) :].split("/", 1)[0]
+            device, _, stamp = key[len(base) :].partition("/")
             counts[device] += 1
             item = Listed(key, obj["LastModified"], device)
-            entry = (item.modified, key, item)
+            entry = (item.modified, stamp, key, item)
             if len(newest) < limit:
                 heapq.heappush(newest, entry)
             else:
                 heapq.heappushpop(newest, entry)
-    ordered = [item for _, _, item in sorted(newest, key=lambda e: (e[0], e[1]), reverse=True)]
+    ordered = [entry[3] for entry in sorted(newest, key=lambda e: e[:3], reverse=True)]
     return ordered, counts
 
 
