@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -298,3 +300,38 @@ def test_config_errors_exit_2_with_one_line(env, needle):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("face-writer: error:") and needle in lines[0]
+
+
+def test_systemd_ready_watchdog_status_and_stopping(mosquitto, s3, tmp_path):
+    address = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(address))
+        sock.settimeout(0.2)
+        env = writer_env(mosquitto, s3, NOTIFY_SOCKET=str(address), WATCHDOG_USEC="1000000")
+        proc = start_writer(env, tmp_path / "writer.log")
+        seen: list[str] = []
+
+        def got(text: str) -> bool:
+            with contextlib.suppress(TimeoutError):
+                seen.extend(sock.recv(4096).decode().splitlines())
+            return any(line.startswith(text) for line in seen)
+
+        wait_for(lambda: got("READY=1"), 10, "READY=1")
+        wait_for(lambda: got("WATCHDOG=1"), 10, "WATCHDOG=1")
+        wait_for(lambda: got("STATUS=") and any("stored=" in x for x in seen), 10, "STATUS=")
+        assert stop_writer(proc) == 0
+        wait_for(lambda: got("STOPPING=1"), 5, "STOPPING=1")
+
+
+def test_mqtt_311_durable_session_stores_everything(mosquitto, s3, publisher, tmp_path):
+    log = tmp_path / "writer.log"
+    env = writer_env(mosquitto, s3, FACEPIPE_MQTT_PROTOCOL="3.1.1")
+    proc = start_writer(env, log)
+    faces = [make_face("cam-1", i) for i in range(100)]
+    publisher.publish_all([("faces/cam-1", p) for _, p in faces[:50]])
+    wait_for(lambda: len(face_keys(s3)) == 50, 20, "50 faces")
+    assert stop_writer(proc) == 0
+    publisher.publish_all([("faces/cam-1", p) for _, p in faces[50:]])  # while it is away
+    proc = start_writer(env, log)
+    wait_for(lambda: len(face_keys(s3)) == 100, 20, "the 50 queued while away")
+    assert stop_writer(proc) == 0
