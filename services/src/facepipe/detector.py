@@ -301,7 +301,6 @@ class Pipeline:
         self.margin = opts.crop_margin
         self.quality = opts.jpeg_quality
         self.counters = counters
-        self.captured: dict[int, Frame] = {}
 
     def process(self, frame: Frame) -> int:
         """Handle one frame; return how many faces were published."""

@@ -10,7 +10,7 @@ seconds (index / fps for files and folders, monotonic seconds since start for li
   as the consumer takes them. ``loop`` restarts them; index and source time keep increasing.
 - Live sources (V4L2 device or index, URL) are read by a grabber thread that keeps only the
   latest frame: when the consumer is behind, older frames are dropped and counted, so memory
-  never grows. A source that fails to open or stops delivering is reopened with capped
+  never grows. A source that fails to open or fails reads for 2 s is reopened with capped
   exponential backoff, forever, logging once per state change.
 """
 
@@ -39,7 +39,7 @@ IMAGE_SUFFIXES = frozenset(
 DEFAULT_FPS = 10.0  # for folders and files that do not state a frame rate
 REOPEN_MIN_DELAY = 0.5
 REOPEN_MAX_DELAY = 30.0
-STALL_SECONDS = 10.0  # a live source silent this long is reopened
+FAIL_SECONDS = 2.0  # a live source failing reads this long is reopened
 OPTION = "--source / FACEPIPE_SOURCE"
 
 
@@ -248,7 +248,7 @@ class LiveSource(FrameSource):
             now = time.monotonic()
             if not ok or image is None:
                 self.read_errors += 1
-                if now - last_ok > STALL_SECONDS or not delivered:
+                if now - last_ok > FAIL_SECONDS or not delivered:
                     self._set_state("stopped delivering frames; reopening with backoff")
                     return delivered
                 time.sleep(0.05)
