@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shutil
@@ -63,6 +64,9 @@ class Broker:
         conf.write_text(
             f"listener {self.port} {LOOPBACK}\n"
             "allow_anonymous true\n"
+            # as root mosquitto drops to user mosquitto, which cannot write pytest's 0700
+            # folders: stay the test's user so persistence really saves and restores
+            f"user {getpass.getuser()}\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "autosave_interval 1\n"

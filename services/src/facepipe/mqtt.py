@@ -174,6 +174,9 @@ class MqttSession:
                 log.warning("disconnect returned %s", info)
         else:
             self.client.disconnect()
+        # paho 2.2 logs "Client is not connected" at ERROR from its loop after every clean
+        # disconnect; nothing useful is logged past this point, so stop its logger first.
+        self.client.disable_logger()
         self.client.loop_stop()
 
     # --- operations -----------------------------------------------------------------
