@@ -93,7 +93,13 @@ OPTIONS: Final = (
     Option("scale_factor", float_range(1.01, 2.0), 1.2, "Haar: detectMultiScale scale factor"),
     Option("min_neighbors", int_range(0, 50), 3, "Haar: detectMultiScale minNeighbors"),
     Option("min_size", int_range(1, 10000), 40, "smallest face side in source pixels"),
-    Option("equalize", parse_bool, False, "Haar: equalize the histogram before detecting"),
+    Option(
+        "equalize",
+        parse_bool,
+        False,
+        "Haar: equalize the histogram before detecting",
+        flag_only_value="true",
+    ),
     Option("cascade", existing_file, None, "Haar cascade XML (default: OpenCV's frontalface)"),
     Option(
         "model", existing_file, None, "YuNet ONNX model: use cv2.FaceDetectorYN instead of Haar"
