@@ -15,10 +15,13 @@ import cv2
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
-from conftest import Broker, program_env, start_program, wait_for
+from conftest import Broker, free_port, program_env, start_program, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 from facepipe import contract
+from facepipe.detector import COUNTERS, Publisher
+from facepipe.mqtt import MqttSession, MqttSettings
+from facepipe.stats import Counters
 
 DEVICE = "cam-test.1"
 
@@ -322,3 +325,15 @@ def test_systemd_notify_ready_watchdog_status_stopping(mosquitto, sample_clip, t
     assert "WATCHDOG=1" in text
     assert "STATUS=" in text and "frames=" in text
     assert "STOPPING=1" in text
+
+
+def test_live_publisher_bounds_its_queue_and_counts_drops():
+    """Broker unreachable: paho holds max_queued faces, the rest are dropped and counted."""
+    settings = MqttSettings("127.0.0.1", free_port(), None, None, None, "t", "5", 30)
+    session = MqttSession(settings, max_queued=3)
+    counters = Counters(COUNTERS)
+    publisher = Publisher(session, f"faces/{DEVICE}", 1, 3, counters)
+    results = [publisher.publish(b"\xff\xd8face\xff\xd9") for _ in range(5)]
+    assert results == [True, True, True, False, False]
+    assert counters.get("published") == 3 and counters.get("publish_dropped") == 2
+    assert publisher.pending() == 3
