@@ -38,6 +38,16 @@ def test_folder_source_is_sorted_and_loops_with_growing_index(tmp_path):
     assert frames[0].captured_at.tzinfo is not None
 
 
+def test_unreadable_images_are_skipped_and_a_fully_broken_folder_ends(tmp_path):
+    write_folder(tmp_path / "f", 2)
+    (tmp_path / "f" / "img_001.png").write_bytes(b"broken")
+    src = open_source(str(tmp_path / "f"), realtime=False, loop=True)
+    assert [f.index for f in (src.read(), src.read(), src.read())] == [0, 2, 4]
+    assert src.read_errors == 2
+    (tmp_path / "f" / "img_000.png").write_bytes(b"broken")
+    assert src.read() is None and src.finished  # looping over nothing readable would spin
+
+
 def test_folder_source_without_loop_finishes(tmp_path):
     write_folder(tmp_path / "f", 2)
     src = open_source(str(tmp_path / "f"), realtime=False)

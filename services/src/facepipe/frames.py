@@ -164,6 +164,7 @@ class ImageFolderSource(_Paced):
             raise ConfigError(f"{OPTION}: folder {path} holds no images")
         self.fps = fps if fps > 0 else DEFAULT_FPS
         self._pos = 0
+        self._failed_in_row = 0
 
     def read(self, timeout: float = 0.5) -> Frame | None:
         while not self.finished and not self._closed.is_set():
@@ -179,8 +180,13 @@ class ImageFolderSource(_Paced):
                 # Counted as a frame of the source all the same, so indexes match file order.
                 self.read_errors += 1
                 self._index += 1
+                self._failed_in_row += 1
                 log.warning("cannot read image %s; skipped", path)
+                if self._failed_in_row >= len(self.files):  # a whole pass: nothing readable
+                    log.error("no image in %s is readable; stopping", self.description)
+                    self.finished = True
                 continue
+            self._failed_in_row = 0
             self._pace()
             return self._emit(image)
         return None
