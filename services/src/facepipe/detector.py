@@ -388,10 +388,10 @@ def run(argv: list[str] | None = None) -> int:
         serve_metrics("facepipe_detector", counters, opts.metrics_address, opts.metrics_port)
 
     log.info(
-        "device %s: %s (%s fps) -> %s with %s",
+        "device %s: %s (%s) -> %s with %s",
         device,
         source.description,
-        f"{source.fps:g}" if not source.live else "live",
+        "live" if source.live else f"{source.fps:g} fps",
         publisher.topic,
         detector.name,
     )
