@@ -61,9 +61,12 @@ def main() -> int:
         if per_device[d] < args.min:
             problems.append(f"device {d}: {per_device[d]} faces after {waited:.0f}s, wanted >= {args.min}")
     truth_segments = None
+    truth_frames = 1
     if args.truth:
         with open(args.truth) as f:
-            truth_segments = [(s["start"], s["end"]) for s in json.load(f)["segments"] if s["faces"]]
+            truth = json.load(f)
+        truth_frames = int(truth["frames"])
+        truth_segments = [(s["start"], s["end"]) for s in truth["segments"] if s["faces"]]
     in_segment = outside = 0
     for o in objs[: args.max_check]:
         key = o["Key"]
@@ -90,7 +93,7 @@ def main() -> int:
         if body[:2] != b"\xff\xd8":
             problems.append(f"{key}: body is not a JPEG")
         if truth_segments is not None:
-            frame = int(meta["frame"])
+            frame = int(meta["frame"]) % truth_frames  # a looped clip keeps counting frames
             if any(a <= frame < b for a, b in truth_segments):
                 in_segment += 1
             else:
