@@ -17,13 +17,11 @@ publish the retained ``offline`` status, disconnect cleanly, exit 0.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 from typing import Final
 
 import cv2
@@ -55,7 +53,7 @@ from facepipe.detection import Detector, HaarDetector, YuNetDetector, crop_quali
 from facepipe.frames import Frame, FrameSource, open_source
 from facepipe.logsetup import setup_logging
 from facepipe.mqtt import MqttSession, MqttSettings, Will
-from facepipe.notify import Notifier
+from facepipe.notify import Notifier, stop_on_signals
 from facepipe.stats import Counters, StatsReporter, serve_metrics
 from facepipe.tracking import Observation, Tracker
 
@@ -357,14 +355,7 @@ def run(argv: list[str] | None = None) -> int:
 
     counters = Counters(COUNTERS, ["pending", "source_up"])
     notifier = Notifier()
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
 
     status = contract.status_topic(opts.topic_prefix, device)
     session = MqttSession(

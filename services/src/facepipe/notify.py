@@ -1,4 +1,5 @@
-"""systemd notification protocol (sd_notify) without libsystemd.
+"""systemd integration: the notification protocol (sd_notify) without libsystemd, and the
+stop signals (SIGTERM from systemd, SIGINT from a terminal) both programs drain on.
 
 When ``NOTIFY_SOCKET`` is unset (not started by systemd, or ``Type=`` is not ``notify``) every
 call is a no-op, so the programs run the same by hand and under systemd.
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
+from types import FrameType
 
 log = logging.getLogger("facepipe.notify")
 
@@ -60,3 +64,16 @@ class Notifier:
         if now - self._last_ping >= self.watchdog_interval:
             self._last_ping = now
             self._send("WATCHDOG=1")
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: the main loop drains, acknowledges and exits 0."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop

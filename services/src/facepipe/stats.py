@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from facepipe.config import ConfigError
+
 log = logging.getLogger("facepipe.stats")
 
 
@@ -59,7 +61,13 @@ def serve_metrics(prefix: str, counters: Counters, address: str, port: int) -> N
     """Expose the counters as ``<prefix>_<name>_total`` on http://address:port/metrics."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_Collector(prefix, counters))
-    start_http_server(port, addr=address, registry=registry)
+    try:
+        start_http_server(port, addr=address, registry=registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"--metrics-port / FACEPIPE_METRICS_PORT: cannot listen on {address}:{port}: "
+            f"{exc.strerror}"
+        ) from None
     log.info("metrics on http://%s:%d/metrics", address, port)
 
 

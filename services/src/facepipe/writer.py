@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
 import time
 import uuid
@@ -27,7 +26,6 @@ from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import FrameType
 from typing import Any, Final
 
 import paho.mqtt.client as paho
@@ -50,7 +48,7 @@ from facepipe.config import (
 )
 from facepipe.logsetup import setup_logging
 from facepipe.mqtt import MqttSession, MqttSettings
-from facepipe.notify import Notifier
+from facepipe.notify import Notifier, stop_on_signals
 from facepipe.s3store import S3Store, backoff_delay, classify
 from facepipe.stats import Counters, StatsReporter, serve_metrics
 
@@ -339,23 +337,10 @@ def run(argv: list[str] | None = None) -> int:
     session.client.on_subscribe = _log_subscribed(subscription)
 
     notifier = Notifier()
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
 
     if opts.metrics_port:
-        try:
-            serve_metrics("facepipe_writer", counters, opts.metrics_address, opts.metrics_port)
-        except OSError as exc:
-            raise ConfigError(
-                f"--metrics-port / FACEPIPE_METRICS_PORT: cannot listen on "
-                f"{opts.metrics_address}:{opts.metrics_port}: {exc.strerror}"
-            ) from None
+        serve_metrics("facepipe_writer", counters, opts.metrics_address, opts.metrics_port)
     log.info(
         "storing faces from %s into %s/%s/ with %d workers",
         subscription,
