@@ -46,8 +46,11 @@ lock: $(STAMP)  ## re-pin requirements/controller.txt from requirements/controll
 	( echo "# Generated from requirements/controller.in by 'make lock'; do not edit by hand."; \
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^-e ' ) > requirements/controller.txt
 
+PY_SCRIPTS := scripts/lab-up scripts/moto-server
+
 lint: $(STAMP)
 	cd services && ../$(BIN)/ruff check . && ../$(BIN)/ruff format --check .
+	$(BIN)/ruff check . $(PY_SCRIPTS) && $(BIN)/ruff format --check . $(PY_SCRIPTS)
 	$(PY) scripts/check-argument-specs.py
 	$(BIN)/ansible-lint --profile production
 

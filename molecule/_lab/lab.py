@@ -33,9 +33,7 @@ from pathlib import Path
 CACHE_DIR = Path(os.environ.get("FACEPIPE_LAB_CACHE", "/var/cache/facepipe-lab"))
 STATE_DIR = Path(os.environ.get("FACEPIPE_LAB_STATE", "/var/lib/facepipe-lab"))
 MIRROR = os.environ.get("FACEPIPE_LAB_MIRROR", "http://deb.debian.org/debian")
-SECURITY_MIRROR = os.environ.get(
-    "FACEPIPE_LAB_SECURITY_MIRROR", "http://deb.debian.org/debian-security"
-)
+SECURITY_MIRROR = os.environ.get("FACEPIPE_LAB_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
 RELEASES = ("bookworm", "trixie")
 IMAGE_MAX_AGE = 7 * 24 * 3600
 IMAGE_FORMAT = 1  # bump when the image recipe changes: cached images get rebuilt
@@ -81,9 +79,7 @@ def die(msg: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def run(
-    cmd: list[str], check: bool = True, capture: bool = False, **kw
-) -> subprocess.CompletedProcess:
+def run(cmd: list[str], check: bool = True, capture: bool = False, **kw) -> subprocess.CompletedProcess:
     kwargs = {"text": True}
     if capture:
         kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -96,12 +92,7 @@ def run(
 
 
 def ok(cmd: list[str]) -> bool:
-    return (
-        subprocess.run(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False
-        ).returncode
-        == 0
-    )
+    return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False).returncode == 0
 
 
 @contextlib.contextmanager
@@ -512,9 +503,7 @@ def ensure_key(lab: str) -> Path:
     return key
 
 
-def write_identity(
-    root: Path, name: str, address: str, all_hosts: list[dict], gateway: str
-) -> None:
+def write_identity(root: Path, name: str, address: str, all_hosts: list[dict], gateway: str) -> None:
     (root / "etc/hostname").write_text(name + "\n")
     lines = [
         "127.0.0.1\tlocalhost",
@@ -534,14 +523,9 @@ def resolv_conf() -> str:
     if not good:
         upstream = os.environ.get("FACEPIPE_LAB_DNS")
         if not upstream:
-            die(
-                "controller resolver is loopback-only; set FACEPIPE_LAB_DNS to an upstream resolver"
-            )
+            die("controller resolver is loopback-only; set FACEPIPE_LAB_DNS to an upstream resolver")
         good = upstream.split(",")
-    return (
-        "".join(f"nameserver {s}\n" for s in good if ":" not in s)
-        + "options timeout:2 attempts:3\n"
-    )
+    return "".join(f"nameserver {s}\n" for s in good if ":" not in s) + "options timeout:2 attempts:3\n"
 
 
 def prepare_rootfs(lab: str, host: dict, state: dict) -> Path:
@@ -562,11 +546,13 @@ def prepare_rootfs(lab: str, host: dict, state: dict) -> Path:
         root.rmdir()
         run(["cp", "-a", "--reflink=auto", str(lower), str(root)])
     (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+    # The image ships without apt lists, but their directory carries the build time, which
+    # `apt: cache_valid_time` would take for a fresh cache: date it back so the first apt task
+    # of a role fetches the lists, as on any host whose cache is old.
+    os.utime(root / "var/lib/apt/lists", (0, 0))
     for kind in ("ed25519", "ecdsa"):  # per-host host keys (RSA skipped: slow, unneeded)
         key = root / f"etc/ssh/ssh_host_{kind}_key"
-        run(
-            ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{host['name']}", "-f", str(key)]
-        )
+        run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{host['name']}", "-f", str(key)])
     (root / "etc/ssh/sshd_config.d/20-facepipe-lab-hostkeys.conf").write_text(
         "HostKey /etc/ssh/ssh_host_ed25519_key\nHostKey /etc/ssh/ssh_host_ecdsa_key\n"
     )
@@ -599,10 +585,7 @@ def ensure_netns(lab: str, host: dict, state: dict) -> None:
     run(["ip", "-n", ns, "link", "set", "lo", "up"])
     run(["ip", "-n", ns, "link", "set", "eth0", "up"])
     addr = f"{host['address']}/{net.prefixlen}"
-    if (
-        addr
-        not in run(["ip", "-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"], capture=True).stdout
-    ):
+    if addr not in run(["ip", "-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"], capture=True).stdout:
         run(["ip", "-n", ns, "addr", "add", addr, "dev", "eth0"])
     run(["ip", "-n", ns, "route", "replace", "default", "via", state["gateway"]])
 
@@ -642,10 +625,7 @@ def wait_ready(state: dict, host: dict, timeout: float = 120) -> str:
     addr = host["address"]
     while time.monotonic() < deadline:
         if not host_running(state["lab"], host["name"]):
-            die(
-                f"{host['name']}: nspawn exited; see "
-                f"{lab_dir(state['lab']) / host['name'] / 'console.log'}"
-            )
+            die(f"{host['name']}: nspawn exited; see {lab_dir(state['lab']) / host['name'] / 'console.log'}")
         try:
             with socket.create_connection((addr, 22), timeout=2):
                 break
@@ -749,10 +729,7 @@ def cmd_up(args) -> None:
         lab_dir(lab).mkdir(parents=True, exist_ok=True)
         state = load_state(lab) or {}
         if state and (state.get("subnet") != str(net) or state.get("bridge") != args.bridge):
-            die(
-                f"lab {lab} exists with subnet {state.get('subnet')} bridge {state.get('bridge')}; "
-                "run down first"
-            )
+            die(f"lab {lab} exists with subnet {state.get('subnet')} bridge {state.get('bridge')}; run down first")
         state.update(
             lab=lab,
             subnet=str(net),
@@ -762,9 +739,7 @@ def cmd_up(args) -> None:
         )
         known = {h["name"]: h for h in state.get("hosts", [])}
         used = {h["address"] for h in known.values()}
-        free = (
-            str(net.network_address + i) for i in range(HOST_FIRST_OCTET, net.num_addresses - 1)
-        )
+        free = (str(net.network_address + i) for i in range(HOST_FIRST_OCTET, net.num_addresses - 1))
         hosts = []
         for w in wanted:
             old = known.pop(w["name"], None)
@@ -828,9 +803,7 @@ def write_inventory(state: dict, path: Path) -> None:
             "vars": {
                 "ansible_user": "root",
                 "ansible_ssh_private_key_file": state["ssh_key"],
-                "ansible_ssh_common_args": (
-                    "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
-                ),
+                "ansible_ssh_common_args": ("-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"),
                 "facepipe_lab_name": state["lab"],
                 "facepipe_lab_gateway": state["gateway"],
             },
@@ -933,9 +906,7 @@ def main(argv: list[str] | None = None) -> None:
     s.set_defaults(func=cmd_images)
     s = sub.add_parser("up", help="create (or reuse) a lab and boot its hosts")
     s.add_argument("--lab", required=True)
-    s.add_argument(
-        "--subnet", required=True, help="e.g. 10.231.40.0/24; gateway is .1, hosts .11.."
-    )
+    s.add_argument("--subnet", required=True, help="e.g. 10.231.40.0/24; gateway is .1, hosts .11..")
     s.add_argument("--bridge", required=True, help="bridge name, at most 15 characters")
     s.add_argument("--host", action="append", required=True, metavar="NAME:RELEASE[:GROUP,...]")
     s.add_argument("--inventory", help="also write an Ansible YAML inventory to this path")
@@ -947,9 +918,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--timeout", type=float, default=30)
     s.set_defaults(func=cmd_down)
     for name, cut in (("cut", True), ("heal", False)):
-        s = sub.add_parser(
-            name, help=f"{'cut' if cut else 'restore'} a host's network to peers and outside"
-        )
+        s = sub.add_parser(name, help=f"{'cut' if cut else 'restore'} a host's network to peers and outside")
         s.add_argument("--lab", required=True)
         s.add_argument("--host", required=True)
         s.set_defaults(func=lambda a, c=cut: cmd_cut(a, c))

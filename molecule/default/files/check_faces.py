@@ -38,8 +38,13 @@ def main() -> int:
     p.add_argument("--max-check", type=int, default=200, help="objects to inspect in detail")
     args = p.parse_args()
     devices = [d for d in args.devices.split(",") if d]
-    s3 = boto3.client("s3", endpoint_url=args.endpoint, region_name="us-east-1",
-                      aws_access_key_id="test", aws_secret_access_key="test")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=args.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
 
     def listing() -> list[dict]:
         out: list[dict] = []
@@ -85,7 +90,9 @@ def main() -> int:
             problems.append(f"{key}: metadata lacks {sorted(missing)}")
             continue
         if meta["face-id"] != m["face_id"] or meta["device-id"] != m["device"]:
-            problems.append(f"{key}: metadata face-id/device-id {meta['face-id']}/{meta['device-id']} disagree with the key")
+            problems.append(
+                f"{key}: metadata face-id/device-id {meta['face-id']}/{meta['device-id']} disagree with the key"
+            )
         c = CAPTURED_RE.match(meta["captured-at"])
         if not c or (c[1], c[2], c[3], c[4] + c[5] + c[6], c[7]) != (m["y"], m["m"], m["d"], m["hms"], m["ms"]):
             problems.append(f"{key}: captured-at {meta['captured-at']!r} does not match the key's time")

@@ -122,7 +122,7 @@ def verify(stored, password):
 def read_entries(path):
     entries = []
     if os.path.exists(path):
-        with open(path, "r", encoding="utf-8") as handle:
+        with open(path, encoding="utf-8") as handle:
             for line in handle:
                 line = line.rstrip("\r\n")
                 if not line or ":" not in line:
