@@ -52,7 +52,7 @@ lint: $(STAMP)
 	cd services && ../$(BIN)/ruff check . && ../$(BIN)/ruff format --check .
 	$(BIN)/ruff check . $(PY_SCRIPTS) && $(BIN)/ruff format --check . $(PY_SCRIPTS)
 	$(PY) scripts/check-argument-specs.py
-	$(BIN)/ansible-lint --profile production
+	PATH="$(CURDIR)/$(BIN):$$PATH" ansible-lint --profile production
 
 unit: deps $(STAMP)
 	cd services && ../$(BIN)/pytest -q
