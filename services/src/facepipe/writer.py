@@ -231,8 +231,8 @@ class Writer:
             meta, body = contract.decode_face(job.payload, self.max_bytes)
             contract.check_topic(self.topic_prefix, job.topic, meta)
         except contract.ContractError as exc:
-            self._reject(job, exc, index)
-            self._ack(job)
+            if self._reject(job, exc, index):
+                self._ack(job)
             return
         key = contract.face_key(self.s3_prefix, meta)
         metadata = contract.s3_metadata(meta)
@@ -253,7 +253,8 @@ class Writer:
         log.debug("stored %s (%d bytes)", key, len(body))
         self._ack(job)
 
-    def _reject(self, job: Job, exc: contract.ContractError, index: int) -> None:
+    def _reject(self, job: Job, exc: contract.ContractError, index: int) -> bool:
+        """Set a bad message aside; False if shutdown interrupted it (then it is not acked)."""
         reason = exc.reason
         self.counters.inc("rejected")
         self.counters.inc(f"rejected_{reason}")
@@ -270,7 +271,7 @@ class Writer:
             self._beats[index] = time.monotonic()
             try:
                 self.store.put_rejected(key, job.payload, metadata)
-                return
+                return True
             except Exception as put_exc:
                 failure = classify(put_exc)
                 if attempt + 1 == REJECT_ATTEMPTS:
@@ -280,9 +281,10 @@ class Writer:
                         failure.describe(),
                     )
                     self.counters.inc("rejected_unsaved")
-                    return
+                    return True
                 if self.abandon.wait(backoff_delay(attempt, failure.kind)):
-                    return
+                    return False  # shutting down: redelivered and set aside next time
+        return True
 
     def _ack(self, job: Job) -> None:
         assert self.session is not None
