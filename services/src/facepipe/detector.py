@@ -190,9 +190,6 @@ class Publisher:
         with self._lock:
             return len(self._pending)
 
-    def prune(self) -> int:
-        return self.pending()
-
     def publish(self, payload: bytes) -> bool:
         """Publish a face; False if paho's bounded queue is full (counted as dropped)."""
         info = self.session.publish(self.topic, payload, self.qos, properties=self.properties)
@@ -218,7 +215,7 @@ class Publisher:
 
     def wait_room(self, stop: threading.Event, tick: Callable[[], None]) -> None:
         """Block (file sources) while ``max_pending`` messages are unacknowledged."""
-        while self.prune() >= self.max_pending and not stop.is_set():
+        while self.pending() >= self.max_pending and not stop.is_set():
             tick()
             time.sleep(0.02)
 
@@ -230,7 +227,7 @@ class Publisher:
         """
         deadline: float | None = None
         last_log = time.monotonic()
-        while self.prune():
+        while self.pending():
             now = time.monotonic()
             if deadline is None and stop.is_set():
                 deadline = now + timeout
@@ -397,7 +394,7 @@ def run(argv: list[str] | None = None) -> int:
         if session.connects != announced:  # (re)connected: the Will may have said offline
             announced = session.connects
             publisher.publish_status(status, ONLINE)
-        counters.set_gauge("pending", publisher.prune())
+        counters.set_gauge("pending", publisher.pending())
         counters.set_gauge("source_up", 0.0 if source.live and not _up(source) else 1.0)
         reporter.tick()
         notifier.watchdog()
