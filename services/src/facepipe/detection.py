@@ -70,7 +70,7 @@ class HaarDetector:
         detect_width: int = 320,
         equalize: bool = False,
     ) -> None:
-        path = Path(cascade) if cascade else Path(cv2.data.haarcascades) / DEFAULT_CASCADE
+        path = Path(cascade) if cascade else Path(cv2.data.haarcascades) / DEFAULT_CASCADE  # type: ignore[attr-defined]
         try:  # a malformed XML raises (cv2.error, or SystemError from the binding)
             self.classifier = cv2.CascadeClassifier(str(path))
             loaded = not self.classifier.empty()

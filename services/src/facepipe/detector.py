@@ -22,6 +22,7 @@ import time
 from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final
 
 import cv2
@@ -289,7 +290,7 @@ class Pipeline:
     def __init__(
         self,
         detector: Detector,
-        tracker: Tracker[Crop],
+        tracker: Tracker[tuple[Crop, datetime]],
         publisher: Publisher,
         device: str,
         opts: Namespace,
@@ -306,7 +307,7 @@ class Pipeline:
     def process(self, frame: Frame) -> int:
         """Handle one frame; return how many faces were published."""
         boxes = self.detector.detect(frame.image)
-        observations = []
+        observations: list[Observation[tuple[Crop, datetime]]] = []
         for box in boxes:
             crop = crop_face(frame.image, box, self.margin)
             if crop is not None:
@@ -365,7 +366,7 @@ def run(argv: list[str] | None = None) -> int:
     publisher = Publisher(
         session, contract.face_topic(opts.topic_prefix, device), opts.qos, opts.max_queued, counters
     )
-    tracker: Tracker[Crop] = Tracker(
+    tracker: Tracker[tuple[Crop, datetime]] = Tracker(
         min_interval=opts.min_interval,
         iou_threshold=opts.iou_threshold,
         min_hits=opts.min_hits,

@@ -22,9 +22,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -43,7 +43,8 @@ FAIL_SECONDS = 2.0  # a live source failing reads this long is reopened
 OPTION = "--source / FACEPIPE_SOURCE"
 
 
-class Frame(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Frame:
     index: int
     source_time: float
     captured_at: datetime

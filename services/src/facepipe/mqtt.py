@@ -220,7 +220,7 @@ class MqttSession:
             self._report_failure(f"broker refused the connection: {reason}")
             return
         sock = client.socket()
-        if sock is not None:
+        if isinstance(sock, socket.socket):  # ssl.SSLSocket included
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError as exc:  # pragma: no cover - exotic sockets only

@@ -240,7 +240,8 @@ def write_clip(
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         fourcc = "mp4v" if out.suffix.lower() in {".mp4", ".m4v", ".mov"} else "MJPG"
-        writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*fourcc), fps, (width, height))
+        code = cv2.VideoWriter_fourcc(*fourcc)  # type: ignore[attr-defined]
+        writer = cv2.VideoWriter(str(out), code, fps, (width, height))
         if not writer.isOpened():
             raise OSError(f"cannot open a {fourcc} video writer for {out}")
         writer.set(cv2.VIDEOWRITER_PROP_QUALITY, 85)
