@@ -50,6 +50,7 @@ PY_SCRIPTS := scripts/lab-up scripts/moto-server
 
 lint: $(STAMP)
 	cd services && ../$(BIN)/ruff check . && ../$(BIN)/ruff format --check .
+	cd services && ../$(BIN)/mypy --ignore-missing-imports src
 	$(BIN)/ruff check . $(PY_SCRIPTS) && $(BIN)/ruff format --check . $(PY_SCRIPTS)
 	$(PY) scripts/check-argument-specs.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" ansible-lint --profile production
