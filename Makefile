@@ -53,6 +53,7 @@ lint: $(STAMP)
 	cd services && ../$(BIN)/mypy --ignore-missing-imports src
 	$(BIN)/ruff check . $(PY_SCRIPTS) && $(BIN)/ruff format --check . $(PY_SCRIPTS)
 	$(PY) scripts/check-argument-specs.py
+	$(BIN)/ansible-playbook -i localhost, scripts/check-bad-variables.yml
 	PATH="$(CURDIR)/$(BIN):$$PATH" ansible-lint --profile production
 
 unit: deps $(STAMP)
