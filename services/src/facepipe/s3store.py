@@ -21,16 +21,7 @@ from typing import Any, Final
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    HTTPClientError,
-    NoCredentialsError,
-    PartialCredentialsError,
-)
-from botocore.exceptions import (
-    ConnectionError as BotoConnectionError,
-)
+from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
 from facepipe.contract import CONTENT_TYPE
 
@@ -87,10 +78,7 @@ def classify(exc: BaseException) -> S3Failure:
         return S3Failure(RETRYABLE, code, message)
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return S3Failure(PERMANENT, type(exc).__name__, str(exc))
-    if isinstance(exc, BotoConnectionError | HTTPClientError):
-        return S3Failure(RETRYABLE, type(exc).__name__, str(exc))
-    if isinstance(exc, BotoCoreError):
-        return S3Failure(RETRYABLE, type(exc).__name__, str(exc))
+    # Connection errors, other botocore errors and anything unknown: retry.
     return S3Failure(RETRYABLE, type(exc).__name__, str(exc))
 
 
