@@ -60,8 +60,6 @@ class _Candidate(Generic[T]):
 class Track(Generic[T]):
     track_id: str
     box: Box
-    first_time: float
-    hits: int = 1
     streak: int = 0  # consecutive frames with a detection
     misses: int = 0
     published: int = 0
@@ -108,13 +106,12 @@ class Tracker(Generic[T]):
         for obs_index, obs in enumerate(observations):
             track = matches.get(obs_index)
             if track is None:
-                track = Track(self._new_id(), obs.box, source_time, hits=0)
+                track = Track(self._new_id(), obs.box)
                 self.tracks.append(track)
                 self.started += 1
             else:
                 track.misses = 0
             matched_tracks.add(id(track))
-            track.hits += 1
             track.streak += 1
             track.box = obs.box
             cand = _Candidate(frame, source_time, obs)
