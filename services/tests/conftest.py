@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,6 +20,9 @@ from typing import Any
 
 import boto3
 import pytest
+
+# moto's web server logs every request at INFO: thousands of lines in a failed test's report.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 LOOPBACK = "127.0.0.1"

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
@@ -19,7 +20,7 @@ from conftest import Broker, free_port, program_env, start_program, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 from facepipe import contract
-from facepipe.detector import COUNTERS, Publisher
+from facepipe.detector import COUNTERS, Publisher, encode_within
 from facepipe.mqtt import MqttSession, MqttSettings
 from facepipe.stats import Counters
 
@@ -337,3 +338,23 @@ def test_live_publisher_bounds_its_queue_and_counts_drops():
     assert results == [True, True, True, False, False]
     assert counters.get("published") == 3 and counters.get("publish_dropped") == 2
     assert publisher.pending() == 3
+
+
+def test_a_crop_over_max_bytes_is_shrunk_to_fit_or_dropped():
+    """The detector never publishes what its broker would refuse (message_size_limit)."""
+    rng = np.random.default_rng(3)
+    noisy = rng.integers(0, 256, (800, 800, 3), dtype=np.uint8)  # incompressible
+    meta = contract.FaceMeta.new(
+        device_id="cam-1",
+        captured_at=datetime.now(UTC),
+        frame=1,
+        bbox=(0, 0, 800, 800),
+        detector="test",
+    )
+    full = encode_within(noisy, meta, 90, 10 * 1024 * 1024)
+    assert full is not None and len(full) > 200_000
+    small = encode_within(noisy, meta, 90, 100_000)
+    assert small is not None and len(small) <= 100_000
+    decoded, _ = contract.decode_face(small)
+    assert decoded == meta  # same face, same metadata, only a smaller image
+    assert encode_within(noisy, meta, 90, 800) is None  # nothing fits: dropped

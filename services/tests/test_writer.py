@@ -15,7 +15,7 @@ import paho.mqtt.client as paho
 import pytest
 from conftest import Broker, program_env, start_program, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
-from writer_helpers import Publisher, final_counter, jpeg_bytes, log_text, make_face
+from writer_helpers import FACE_TIME_BASE, Publisher, final_counter, jpeg_bytes, log_text, make_face
 
 from facepipe import config, contract
 
@@ -89,7 +89,8 @@ def test_stores_faces_with_keys_content_type_and_metadata(mosquitto, s3, publish
         assert obj["ContentType"] == "image/jpeg"
         assert obj["Metadata"] == contract.s3_metadata(meta)
         assert obj["Body"].read() == payload
-    assert key.startswith("faces/cam.2/2026/11/25/220003.700_")
+    stamp = FACE_TIME_BASE.strftime("%Y/%m/%d/%H0003.700_")  # frame 100 = 3.7 s later
+    assert key.startswith(f"faces/cam.2/{stamp}")
     assert stop_writer(proc) == 0
     assert final_counter(log, "stored") == 6
     assert "Traceback" not in log_text(log)
@@ -117,8 +118,9 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(mosquitto, s3, publisher,
 
 
 def test_s3_down_then_back_loses_nothing_and_writer_stays_up(mosquitto, s3, publisher, tmp_path):
+    """An outage is retried forever: past --max-attempts too, nothing is set aside."""
     log = tmp_path / "writer.log"
-    proc = start_writer(writer_env(mosquitto, s3), log)
+    proc = start_writer(writer_env(mosquitto, s3, FACEPIPE_MAX_ATTEMPTS="2"), log)
     first = make_face("cam-1", 0)
     publisher.publish_all([("faces/cam-1", first[1])])
     wait_for(lambda: len(face_keys(s3)) == 1, 15, "first face")
@@ -132,6 +134,7 @@ def test_s3_down_then_back_loses_nothing_and_writer_stays_up(mosquitto, s3, publ
     finally:
         s3.start()
     wait_for(lambda: len(face_keys(s3)) == 41, 60, "all 41 faces after S3 came back")
+    assert s3.keys("rejected/") == []
     assert "storing again" in log_text(log)
     assert log_text(log).count("retrying with backoff") <= 3, "S3 outage logged per retry"
     assert stop_writer(proc) == 0
@@ -173,6 +176,7 @@ def test_bad_messages_are_set_aside_and_good_ones_still_stored(mosquitto, s3, pu
     seen = []
     for key in rejected:
         assert key.endswith(".bin")
+        assert key.startswith(("rejected/cam-1/", "rejected/cam-2/", "rejected/_unknown/"))
         head = s3.client.head_object(Bucket=s3.bucket, Key=key)
         seen.append((head["Metadata"]["topic"], head["Metadata"]["reason"]))
     assert sorted(seen) == sorted((topic, reason) for topic, _, reason in bad)

@@ -31,10 +31,15 @@ def jpeg_bytes(seed: int = 0, size: int = 96, noise: bool = False) -> bytes:
     return buf.tobytes()
 
 
+# Test faces are captured "an hour ago" (inside the writer's accepted window), on a whole hour
+# so the keys of a test run are predictable.
+FACE_TIME_BASE = (datetime.now(UTC) - timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
+
+
 def make_face(
     device: str = "cam-1", index: int = 0, jpeg: bytes | None = None
 ) -> tuple[contract.FaceMeta, bytes]:
-    base = datetime(2026, 11, 25, 22, 0, 0, tzinfo=UTC)
+    base = FACE_TIME_BASE
     meta = contract.FaceMeta.new(
         device_id=device,
         captured_at=base + timedelta(milliseconds=37 * index),

@@ -4,6 +4,11 @@ A face message is one MQTT payload on ``<prefix>/<device_id>``: a complete JPEG 
 COM (comment, 0xFFFE) segment holds a UTF-8 JSON object with the face's metadata. The payload
 is authoritative: MQTT v3.1.1 bridges drop MQTT v5 properties, so nothing that must reach the
 cloud travels anywhere else. See services/README.md for the prose version of this module.
+
+Validation is total: :func:`decode_face` either returns a valid face or raises
+:class:`ContractError` with one of :class:`Reason`; no other exception escapes it, whatever the
+bytes are. Every field is bounded, so the S3 user metadata of a valid face stays far below S3's
+2 KB limit by construction (see :data:`MAX_S3_METADATA_BYTES` and the tests).
 """
 
 from __future__ import annotations
@@ -12,23 +17,48 @@ import json
 import re
 import struct
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 SCHEMA_VERSION: Final = 1
+SUPPORTED_VERSIONS: Final = frozenset({1})
 CONTENT_TYPE: Final = "image/jpeg"
 DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+FACE_ID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+PRINTABLE_RE: Final = re.compile(r"[\x20-\x7e]+")  # printable ASCII
 REJECTED_PREFIX: Final = "rejected"
+UNKNOWN_DEVICE: Final = "_unknown"  # rejected/<device>/... when the topic names no valid device
+
+# Limits a valid face message stays within (third parties: services/README.md lists them).
+MAX_METADATA_BYTES: Final = 4096  # the JSON object in the COM segment, UTF-8
 MAX_DETECTOR_LEN: Final = 128
 MAX_TRACK_ID_LEN: Final = 64
-MAX_COM_BYTES: Final = 65533  # a JPEG segment length field is 16 bits and counts itself
+MAX_FRAME: Final = 2**53 - 1  # exact in every JSON implementation
+MAX_BBOX: Final = 65535  # a JPEG's largest side
+MAX_COM_SEGMENTS: Final = 16  # COM segments looked at for the metadata
+MAX_SEGMENTS: Final = 256  # marker segments before the image data
+
+# What S3 allows (AWS; MinIO and the others follow it) and what the set-aside copy keeps.
+S3_METADATA_LIMIT: Final = 2048  # user metadata: names + values, UTF-8 bytes
+SET_ASIDE_MAX_BYTES: Final = 64 * 1024  # a set-aside object holds at most this much payload
 
 _SOI: Final = b"\xff\xd8"
 _EOI: Final = b"\xff\xd9"
 _COM: Final = 0xFE
 _SOS: Final = 0xDA
-_REQUIRED: Final = ("face_id", "device_id", "captured_at", "frame", "bbox", "detector")
+# Start-of-frame markers (baseline, progressive, lossless, arithmetic ...): not C4/C8/CC.
+_SOF: Final = frozenset(
+    {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+)
+_REQUIRED: Final = ("v", "face_id", "device_id", "captured_at", "frame", "bbox", "detector")
+_TIME_RE: Final = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)"
+)
+_MAX_JSON_INT_DIGITS: Final = 20
+_DETAIL_LIMIT: Final = 200
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Reason:
@@ -39,23 +69,103 @@ class Reason:
     NOT_JPEG: Final = "not_jpeg"
     NO_METADATA: Final = "no_metadata"
     BAD_METADATA: Final = "bad_metadata"
+    UNSUPPORTED_VERSION: Final = "unsupported_version"
+    TOO_OLD: Final = "too_old"
+    IN_FUTURE: Final = "in_future"
     BAD_TOPIC: Final = "bad_topic"
     DEVICE_MISMATCH: Final = "device_mismatch"
+    # Set by the writer, not by the contract: S3 itself would not take a valid face.
+    S3_REFUSED: Final = "s3_refused"  # a permanent answer for this object (4xx)
+    S3_GAVE_UP: Final = "s3_gave_up"  # failed --max-attempts times while S3 took other objects
+    INTERNAL_ERROR: Final = "internal_error"  # a bug in the writer; the message is kept aside
 
-    ALL: Final = (EMPTY, TOO_LARGE, NOT_JPEG, NO_METADATA, BAD_METADATA, BAD_TOPIC, DEVICE_MISMATCH)
+    ALL: Final = (
+        EMPTY,
+        TOO_LARGE,
+        NOT_JPEG,
+        NO_METADATA,
+        BAD_METADATA,
+        UNSUPPORTED_VERSION,
+        TOO_OLD,
+        IN_FUTURE,
+        BAD_TOPIC,
+        DEVICE_MISMATCH,
+        S3_REFUSED,
+        S3_GAVE_UP,
+        INTERNAL_ERROR,
+    )
+
+
+def printable(value: object, limit: int = _DETAIL_LIMIT) -> str:
+    """``value`` as one line of printable ASCII for logs and S3 metadata, at most ``limit`` chars.
+
+    Control characters and non-ASCII are escaped (``\\x1b``, ``\\u00e9``); a longer text is cut
+    and says how long it was. Message content only reaches a log line or S3 metadata through
+    this function (or after validation as printable ASCII).
+    """
+    if isinstance(value, bytes | bytearray):
+        total = len(value)
+        text = bytes(value[: limit + 1]).decode("latin-1")
+    else:
+        text = str(value)
+        total = len(text)
+        text = text[: limit + 1]
+    escaped = text.encode("ascii", "backslashreplace").decode("ascii")
+    escaped = _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group(0)):02x}", escaped)
+    if total <= limit and len(escaped) <= limit:
+        return escaped
+    suffix = f"...({total} chars)"
+    return escaped[: max(0, limit - len(suffix))] + suffix
 
 
 class ContractError(ValueError):
-    """A payload or topic that breaks the contract; ``reason`` is one of :class:`Reason`."""
+    """A payload or topic that breaks the contract; ``reason`` is one of :class:`Reason`.
+
+    ``detail`` is already safe to log (printable ASCII, bounded), whatever the message held.
+    """
 
     def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        safe = printable(detail) if detail else ""
+        super().__init__(f"{reason}: {safe}" if safe else reason)
         self.reason = reason
-        self.detail = detail
+        self.detail = safe
 
 
-def is_valid_device_id(value: str) -> bool:
-    return DEVICE_ID_RE.fullmatch(value) is not None
+@dataclass(frozen=True)
+class TimeWindow:
+    """Accepted ``captured_at`` relative to the receiver's clock: not older than ``max_age``,
+    not more than ``max_future`` ahead (clock skew)."""
+
+    max_age: timedelta = timedelta(days=7)
+    max_future: timedelta = timedelta(minutes=5)
+
+    def check(self, captured_at: datetime, now: datetime) -> None:
+        if captured_at < now - self.max_age:
+            raise ContractError(
+                Reason.TOO_OLD,
+                f"captured_at {format_time(captured_at)} is older than "
+                f"{self.max_age.total_seconds():.0f}s",
+            )
+        if captured_at > now + self.max_future:
+            raise ContractError(
+                Reason.IN_FUTURE,
+                f"captured_at {format_time(captured_at)} is more than "
+                f"{self.max_future.total_seconds():.0f}s ahead of this clock",
+            )
+
+
+def is_valid_device_id(value: object) -> bool:
+    return isinstance(value, str) and DEVICE_ID_RE.fullmatch(value) is not None
+
+
+def is_valid_face_id(value: object) -> bool:
+    return isinstance(value, str) and FACE_ID_RE.fullmatch(value) is not None
+
+
+def _is_printable(value: object, limit: int) -> bool:
+    return (
+        isinstance(value, str) and len(value) <= limit and PRINTABLE_RE.fullmatch(value) is not None
+    )
 
 
 def format_time(moment: datetime) -> str:
@@ -66,19 +176,28 @@ def format_time(moment: datetime) -> str:
     return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
 
 
-def parse_time(text: str) -> datetime:
-    """Parse an RFC 3339 timestamp with an explicit offset; returns an aware UTC datetime."""
-    if not isinstance(text, str) or not re.fullmatch(
-        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)", text
-    ):
-        raise ValueError(f"not an RFC 3339 timestamp with offset: {text!r}")
-    head, _, rest = text.partition(".")
-    if rest:  # fromisoformat wants at most 6 fractional digits
-        digits = re.match(r"\d+", rest)
-        assert digits is not None
-        frac = digits.group(0)
-        text = f"{head}.{frac[:6].ljust(6, '0')}{rest[len(frac) :]}"
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+def parse_time(text: object) -> datetime:
+    """An RFC 3339 timestamp with an explicit offset as an aware UTC datetime.
+
+    Raises ValueError for anything else, out-of-range dates included (year 0001 with a
+    positive offset, 9999 with a negative one).
+    """
+    found = _TIME_RE.fullmatch(text) if isinstance(text, str) else None
+    if found is None:
+        raise ValueError("not an RFC 3339 timestamp with offset")
+    year, month, day, hour, minute, second, frac, zone = found.groups()
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    offset = timedelta(0)
+    if zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        offset = sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+    try:
+        local = datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=UTC
+        )
+        return local - offset
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"out of range: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -106,8 +225,9 @@ class FaceMeta:
         track_id: str | None = None,
     ) -> FaceMeta:
         """A fresh face with a new UUID4 ``face_id``; validates like :func:`decode_face`."""
-        return _validated(
+        return validate_metadata(
             {
+                "v": SCHEMA_VERSION,
                 "face_id": str(uuid.uuid4()),
                 "device_id": device_id,
                 "captured_at": format_time(captured_at),
@@ -134,54 +254,59 @@ class FaceMeta:
         return body
 
 
-def _validated(body: Any) -> FaceMeta:
+def _is_int(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def validate_metadata(body: object) -> FaceMeta:
+    """The metadata object as a :class:`FaceMeta`; ContractError for anything else."""
+
     def bad(detail: str) -> ContractError:
         return ContractError(Reason.BAD_METADATA, detail)
 
     if not isinstance(body, dict):
         raise bad("metadata is not a JSON object")
     missing = [name for name in _REQUIRED if name not in body]
-    if missing:
+    if missing and missing != ["v"]:
         raise bad("missing " + ", ".join(missing))
+    version = body.get("v")
+    if not _is_int(version, 0, 2**31) or version not in SUPPORTED_VERSIONS:
+        raise ContractError(
+            Reason.UNSUPPORTED_VERSION,
+            f"v is {printable(json.dumps(version), 40)}; supported: "
+            + ", ".join(str(v) for v in sorted(SUPPORTED_VERSIONS)),
+        )
     face_id = body["face_id"]
-    try:
-        parsed = uuid.UUID(face_id) if isinstance(face_id, str) else None
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.version != 4 or str(parsed) != face_id.lower():
-        raise bad("face_id is not a UUID4 string")
+    if not is_valid_face_id(face_id):
+        raise bad("face_id is not a canonical lowercase UUID")
     device_id = body["device_id"]
-    if not isinstance(device_id, str) or not is_valid_device_id(device_id):
+    if not is_valid_device_id(device_id):
         raise bad("device_id does not match " + DEVICE_ID_RE.pattern)
     try:
         captured_at = parse_time(body["captured_at"])
     except ValueError as exc:
         raise bad(f"captured_at: {exc}") from None
     frame = body["frame"]
-    if not isinstance(frame, int) or isinstance(frame, bool) or frame < 0:
-        raise bad("frame is not a non-negative integer")
+    if not _is_int(frame, 0, MAX_FRAME):
+        raise bad(f"frame is not an integer in 0..{MAX_FRAME}")
     bbox = body["bbox"]
     if (
         not isinstance(bbox, list)
         or len(bbox) != 4
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in bbox)
-        or bbox[0] < 0
-        or bbox[1] < 0
-        or bbox[2] <= 0
-        or bbox[3] <= 0
+        or not all(_is_int(v, 0, MAX_BBOX) for v in bbox)
+        or bbox[2] == 0
+        or bbox[3] == 0
     ):
-        raise bad("bbox is not [x, y, w, h] with x, y >= 0 and w, h > 0")
+        raise bad(f"bbox is not [x, y, w, h] of integers in 0..{MAX_BBOX} with w, h > 0")
     detector = body["detector"]
-    if not isinstance(detector, str) or not 0 < len(detector) <= MAX_DETECTOR_LEN:
-        raise bad(f"detector is not a string of 1..{MAX_DETECTOR_LEN} characters")
+    if not _is_printable(detector, MAX_DETECTOR_LEN):
+        raise bad(f"detector is not 1..{MAX_DETECTOR_LEN} printable ASCII characters")
     track_id = body.get("track_id")
-    if track_id is not None and (
-        not isinstance(track_id, str) or not 0 < len(track_id) <= MAX_TRACK_ID_LEN
-    ):
-        raise bad(f"track_id is not a string of 1..{MAX_TRACK_ID_LEN} characters")
-    known = {*_REQUIRED, "track_id", "v"}
+    if track_id is not None and not _is_printable(track_id, MAX_TRACK_ID_LEN):
+        raise bad(f"track_id is not 1..{MAX_TRACK_ID_LEN} printable ASCII characters")
+    known = {*_REQUIRED, "track_id"}
     return FaceMeta(
-        face_id=face_id.lower(),
+        face_id=face_id,
         device_id=device_id,
         captured_at=captured_at,
         frame=frame,
@@ -192,14 +317,18 @@ def _validated(body: Any) -> FaceMeta:
     )
 
 
+def _metadata_json(meta: FaceMeta) -> bytes:
+    text = json.dumps(meta.to_json_dict(), separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8")
+
+
 def encode_face(jpeg: bytes, meta: FaceMeta) -> bytes:
     """Return ``jpeg`` with ``meta`` as a COM segment right after the SOI marker."""
     if not jpeg.startswith(_SOI):
         raise ValueError("not a JPEG image (no SOI marker)")
-    text = json.dumps(meta.to_json_dict(), separators=(",", ":"), ensure_ascii=False)
-    data = text.encode("utf-8")
-    if len(data) > MAX_COM_BYTES:
-        raise ValueError("metadata does not fit in one JPEG COM segment")
+    data = _metadata_json(meta)
+    if len(data) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is {len(data)} bytes, over {MAX_METADATA_BYTES}")
     return _SOI + struct.pack(">BBH", 0xFF, _COM, len(data) + 2) + data + jpeg[2:]
 
 
@@ -215,41 +344,113 @@ def _segments(payload: bytes) -> list[tuple[int, bytes]]:
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without length
-            pos += 2
-            continue
+        if 0xD0 <= marker <= 0xD7 or marker in (0x01, 0xD8, 0xD9):  # markers without length
+            raise ContractError(Reason.NOT_JPEG, f"marker 0x{marker:02x} before the image data")
         (length,) = struct.unpack_from(">H", payload, pos + 2)
         if length < 2 or pos + 2 + length > size:
             raise ContractError(Reason.NOT_JPEG, "truncated segment")
         found.append((marker, payload[pos + 4 : pos + 2 + length]))
         if marker == _SOS:
             return found
+        if len(found) > MAX_SEGMENTS:
+            raise ContractError(Reason.NOT_JPEG, f"more than {MAX_SEGMENTS} marker segments")
         pos += 2 + length
     raise ContractError(Reason.NOT_JPEG, "no image data (SOS) found")
 
 
-def decode_face(payload: bytes, max_bytes: int | None = None) -> tuple[FaceMeta, bytes]:
+def _check_frame_header(segments: list[tuple[int, bytes]]) -> None:
+    headers = [body for marker, body in segments if marker in _SOF]
+    if len(headers) != 1 or len(headers[0]) < 6:
+        raise ContractError(Reason.NOT_JPEG, "no single frame header (SOF) before the image data")
+    height, width = struct.unpack_from(">HH", headers[0], 1)
+    if height == 0 or width == 0:
+        raise ContractError(Reason.NOT_JPEG, f"image of {width}x{height} pixels")
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_JSON_INT_DIGITS:
+        raise ValueError(f"integer of {len(text)} digits")
+    return int(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_metadata(body: bytes) -> object:
+    """One COM segment's JSON; ValueError (or RecursionError) for anything that is not JSON."""
+    return json.loads(
+        body.decode("utf-8"),
+        object_pairs_hook=_reject_duplicates,
+        parse_int=_bounded_int,
+        parse_constant=_no_constant,
+    )
+
+
+def _looks_like_metadata(body: bytes) -> bool:
+    return body.lstrip(b" \t\r\n").startswith(b"{") and b'"face_id"' in body
+
+
+def decode_face(
+    payload: bytes,
+    max_bytes: int | None = None,
+    *,
+    window: TimeWindow | None = None,
+    now: datetime | None = None,
+) -> tuple[FaceMeta, bytes]:
     """Validate a face message; return its metadata and the payload itself (the JPEG).
 
-    Raises :class:`ContractError` naming the reason for anything that breaks the contract.
+    With ``window``, ``captured_at`` must lie in it relative to ``now`` (default: this clock).
+    Raises :class:`ContractError` naming the reason for anything that breaks the contract and
+    never any other exception.
     """
+    try:
+        meta = _decode(payload, max_bytes)
+    except ContractError:
+        raise
+    except Exception as exc:  # total: nothing a message holds may escape as another error
+        raise ContractError(Reason.BAD_METADATA, f"{type(exc).__name__}: {exc}") from None
+    if window is not None:
+        window.check(meta.captured_at, now or datetime.now(UTC))
+    return meta, payload
+
+
+def _decode(payload: bytes, max_bytes: int | None) -> FaceMeta:
     if not payload:
         raise ContractError(Reason.EMPTY)
     if max_bytes is not None and len(payload) > max_bytes:
         raise ContractError(Reason.TOO_LARGE, f"{len(payload)} bytes > {max_bytes}")
     if not payload.startswith(_SOI) or not payload.rstrip(b"\x00").endswith(_EOI):
         raise ContractError(Reason.NOT_JPEG, "missing SOI/EOI markers")
-    comments = [body for marker, body in _segments(payload) if marker == _COM]
-    for body in comments:
-        try:
-            obj = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        if isinstance(obj, dict) and "face_id" in obj:
-            return _validated(obj), payload
-    if comments:
+    segments = _segments(payload)
+    _check_frame_header(segments)
+    comments = [body for marker, body in segments if marker == _COM][:MAX_COM_SEGMENTS]
+    candidates = [body for body in comments if _looks_like_metadata(body)]
+    if not comments:
+        raise ContractError(Reason.NO_METADATA, "no COM segment")
+    if not candidates:
         raise ContractError(Reason.BAD_METADATA, "no COM segment holds a JSON object with face_id")
-    raise ContractError(Reason.NO_METADATA, "no COM segment")
+    if len(candidates) > 1:
+        raise ContractError(Reason.BAD_METADATA, f"{len(candidates)} COM segments name a face_id")
+    body = candidates[0]
+    if len(body) > MAX_METADATA_BYTES:
+        raise ContractError(
+            Reason.BAD_METADATA, f"metadata is {len(body)} bytes, over {MAX_METADATA_BYTES}"
+        )
+    try:
+        obj = _parse_metadata(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ContractError(Reason.BAD_METADATA, f"not JSON: {exc}") from None
+    return validate_metadata(obj)
 
 
 def face_topic(prefix: str, device_id: str) -> str:
@@ -298,35 +499,60 @@ def face_key(s3_prefix: str, meta: FaceMeta) -> str:
     return f"{prefix}/{key}" if prefix else key
 
 
-def rejected_key(received_at: datetime, rejected_id: str) -> str:
-    """``rejected/<YYYY>/<MM>/<DD>/<HHMMSS.mmm>_<uuid>.bin`` at the bucket root."""
-    return f"{REJECTED_PREFIX}/{_stamp(received_at)}_{rejected_id}.bin"
+def rejected_device(prefix: str, topic: str) -> str:
+    """The device a set-aside message is filed under: the topic's, or :data:`UNKNOWN_DEVICE`."""
+    try:
+        return device_from_topic(prefix, topic)
+    except ContractError:
+        return UNKNOWN_DEVICE
 
 
-def _ascii(value: str, limit: int) -> str:
-    """S3 user metadata must be ASCII: escape anything else, cap the length."""
-    return value.encode("ascii", "backslashreplace").decode("ascii")[:limit]
+def rejected_key(device: str, received_at: datetime, rejected_id: str) -> str:
+    """``rejected/<device>/<YYYY>/<MM>/<DD>/<HHMMSS.mmm>_<uuid>.bin`` at the bucket root."""
+    return f"{REJECTED_PREFIX}/{device}/{_stamp(received_at)}_{rejected_id}.bin"
 
 
 def s3_metadata(meta: FaceMeta) -> dict[str, str]:
-    """The contract's fields as S3 user metadata (ASCII, well within S3's 2 KB limit)."""
+    """The contract's fields as S3 user metadata (printable ASCII, bounded: under 2 KB)."""
     fields = {
         "face-id": meta.face_id,
         "device-id": meta.device_id,
         "captured-at": format_time(meta.captured_at),
         "frame": str(meta.frame),
         "bbox": ",".join(str(v) for v in meta.bbox),
-        "detector": _ascii(meta.detector, 4 * MAX_DETECTOR_LEN),
+        "detector": meta.detector,
     }
     if meta.track_id is not None:
-        fields["track-id"] = _ascii(meta.track_id, 4 * MAX_TRACK_ID_LEN)
+        fields["track-id"] = meta.track_id
     return fields
 
 
-def rejected_metadata(reason: str, topic: str, detail: str) -> dict[str, str]:
-    """S3 user metadata for a set-aside message: the reason and the topic it came on."""
+def rejected_metadata(reason: str, topic: str, detail: str, size: int) -> dict[str, str]:
+    """S3 user metadata for a set-aside message: why, the topic it came on, its real size."""
     return {
         "reason": reason,
-        "topic": _ascii(topic, 512),
-        "detail": _ascii(detail, 512),
+        "topic": printable(topic, 256),
+        "detail": printable(detail, 256),
+        "size": str(size),
+        "truncated": "true" if size > SET_ASIDE_MAX_BYTES else "false",
     }
+
+
+def metadata_bytes(metadata: Mapping[str, str]) -> int:
+    """Size of user metadata as S3 counts it against its 2 KB limit (names with their
+    ``x-amz-meta-`` prefix, to be safe, plus values, UTF-8)."""
+    return sum(len(f"x-amz-meta-{k}".encode()) + len(v.encode()) for k, v in metadata.items())
+
+
+MAX_S3_METADATA_BYTES: Final = metadata_bytes(
+    {
+        "face-id": "0" * 36,
+        "device-id": "d" * 64,
+        "captured-at": "2026-11-25T22:07:29.123Z",
+        "frame": str(MAX_FRAME),
+        "bbox": ",".join([str(MAX_BBOX)] * 4),
+        "detector": "x" * MAX_DETECTOR_LEN,
+        "track-id": "t" * MAX_TRACK_ID_LEN,
+    }
+)
+assert MAX_S3_METADATA_BYTES < S3_METADATA_LIMIT // 2

@@ -108,6 +108,13 @@ OPTIONS: Final = (
     Option("max_missed", int_range(0, 1000), 10, "frames a track survives without a detection"),
     Option("iou_threshold", float_range(0.01, 1), 0.3, "IoU that links a detection to a track"),
     Option("threads", int_range(0, 64), 1, "OpenCV threads (0 = OpenCV's default)"),
+    Option(
+        "max_bytes",
+        int_range(1024, 256 * 1024 * 1024),
+        1024 * 1024,
+        "largest face message in bytes (the brokers' message_size_limit); larger crops are "
+        "re-encoded smaller",
+    ),
     Option("max_queued", int_range(1, 1_000_000), 1000, "unacknowledged publishes held at most"),
     Option("drain_timeout", float_range(0), 30.0, "seconds to wait for acks on SIGTERM"),
     *MQTT_OPTIONS,
@@ -123,6 +130,7 @@ COUNTERS: Final = (
     "acked",
     "publish_dropped",
     "publish_refused",
+    "too_large_dropped",
     "read_errors",
 )
 
@@ -302,6 +310,7 @@ class Pipeline:
         self.device = device
         self.margin = opts.crop_margin
         self.quality = opts.jpeg_quality
+        self.max_bytes = opts.max_bytes
         self.counters = counters
 
     def process(self, frame: Frame) -> int:
@@ -321,10 +330,6 @@ class Pipeline:
         sent = 0
         for pub in chosen:
             crop, captured_at = pub.observation.payload
-            ok, buf = cv2.imencode(".jpg", crop.image, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
-            if not ok:
-                log.warning("JPEG encoding failed for frame %d", pub.frame)
-                continue
             meta = contract.FaceMeta.new(
                 device_id=self.device,
                 captured_at=captured_at,
@@ -333,10 +338,45 @@ class Pipeline:
                 detector=self.detector.name,
                 track_id=pub.track_id,
             )
-            if self.publisher.publish(contract.encode_face(buf.tobytes(), meta)):
+            message = encode_within(crop.image, meta, self.quality, self.max_bytes)
+            if message is None:
+                log.warning(
+                    "face of frame %d does not fit in %d bytes even when shrunk; dropped",
+                    pub.frame,
+                    self.max_bytes,
+                )
+                self.counters.inc("too_large_dropped")
+                continue
+            if self.publisher.publish(message):
                 sent += 1
                 log.debug("face %s track %s frame %d", meta.face_id, pub.track_id, pub.frame)
         return sent
+
+
+# JPEG qualities tried, then halvings of the crop, until a face message fits in --max-bytes.
+_FALLBACK_QUALITIES: Final = (70, 50, 30)
+_MIN_SIDE: Final = 24
+
+
+def encode_within(
+    image: np.ndarray, meta: contract.FaceMeta, quality: int, max_bytes: int
+) -> bytes | None:
+    """The face message at ``quality``, or smaller (lower quality, then halved) if it would
+    exceed ``max_bytes`` (the brokers refuse larger messages); None if nothing fits."""
+    qualities = [quality, *(q for q in _FALLBACK_QUALITIES if q < quality)]
+    while True:
+        for q in qualities:
+            ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, q])
+            if not ok:
+                return None
+            message = contract.encode_face(buf.tobytes(), meta)
+            if len(message) <= max_bytes:
+                return message
+        height, width = image.shape[:2]
+        if min(height, width) // 2 < _MIN_SIDE:
+            return None
+        image = cv2.resize(image, (width // 2, height // 2), interpolation=cv2.INTER_AREA)
+        qualities = [qualities[-1]]
 
 
 def run(argv: list[str] | None = None) -> int:

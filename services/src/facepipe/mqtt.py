@@ -102,12 +102,16 @@ class MqttSession:
         max_inflight: int = 20,
         max_queued: int = 0,
         receive_maximum: int | None = None,
+        maximum_packet_size: int | None = None,
     ) -> None:
         self.settings = settings
         # MQTT v5 Receive Maximum: the broker sends at most this many unacknowledged QoS 1
         # messages, so with manual_ack a busy consumer gets back-pressure without ever
         # blocking paho's network thread (which would starve keepalive, paho #328).
         self.receive_maximum = receive_maximum
+        # MQTT v5 Maximum Packet Size: the broker drops (never sends) anything larger, so a
+        # huge message never reaches this process. MQTT 3.1.1 has no such limit.
+        self.maximum_packet_size = maximum_packet_size
         self.durable = durable
         self.subscriptions = list(subscriptions)
         self._on_message_handler = on_message
@@ -150,6 +154,8 @@ class MqttSession:
                 extra["clean_start"] = False
             if self.receive_maximum is not None:
                 properties.ReceiveMaximum = self.receive_maximum
+            if self.maximum_packet_size is not None:
+                properties.MaximumPacketSize = self.maximum_packet_size
             extra["properties"] = properties
         log.info("connecting to %s", self.settings.describe())
         self.client.connect_async(

@@ -4,10 +4,17 @@ Everything S3-specific comes from boto3's standard chain: the endpoint (``AWS_EN
 credentials (environment, ``AWS_SHARED_CREDENTIALS_FILE``, profiles via ``AWS_PROFILE``,
 instance roles), the region. Nothing here re-implements any of it.
 
-The store never gives up on a face: callers retry :meth:`S3Store.put_face` forever with the
-backoff from :func:`backoff_delay`. Errors are classified only to log them usefully (once per
-change of state, not once per retry) and to back off longer when retrying is unlikely to help
-soon (a missing bucket or denied access needs a human, but the writer waits for one).
+:func:`classify` sorts a failed request into one of three kinds, which decide what the writer
+does with the message:
+
+- ``transient``: throttling, 5xx, timeouts, connection errors, credentials being refreshed.
+  Retried with backoff; S3 will take the object once it is back.
+- ``blocked``: the bucket, the credentials or the policy are wrong (``NoSuchBucket``,
+  ``AccessDenied``, ...). Nothing can be stored until a human fixes it: retried forever, more
+  slowly, and never blamed on the message.
+- ``refused``: S3 answered that it will never take *this* object (``MetadataTooLarge``,
+  ``InvalidArgument``, ``KeyTooLongError``, ``EntityTooLarge``, other 4xx; a request botocore
+  cannot even form). Retrying cannot help: the writer sets the message aside.
 """
 
 from __future__ import annotations
@@ -15,25 +22,33 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import (
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
 
-from facepipe.contract import CONTENT_TYPE
+from facepipe.contract import CONTENT_TYPE, printable
 
 log = logging.getLogger("facepipe.s3")
 
 REJECTED_CONTENT_TYPE: Final = "application/octet-stream"
 
-RETRYABLE: Final = "retryable"
-PERMANENT: Final = "permanent"
+TRANSIENT: Final = "transient"
+BLOCKED: Final = "blocked"
+REFUSED: Final = "refused"
 
-# Error codes that will not fix themselves by retrying soon: wrong bucket, credentials or policy.
-_PERMANENT_CODES: Final = frozenset(
+# Answers about the bucket, credentials or policy: every object fails alike until fixed.
+_BLOCKED_CODES: Final = frozenset(
     {
         "NoSuchBucket",
         "AccessDenied",
@@ -43,48 +58,88 @@ _PERMANENT_CODES: Final = frozenset(
         "InvalidBucketName",
         "AccountProblem",
         "InvalidObjectState",
-        "ExpiredToken",
         "InvalidToken",
         "PermanentRedirect",
         "AuthorizationHeaderMalformed",
-        "KMS.DisabledException",
-        "KMS.NotFoundException",
+        "RequestTimeTooSkewed",
+        "InvalidStorageClass",
+        "InvalidSecurity",
+        "NotSignedUp",
+        "UnauthorizedAccess",
+        "MissingSecurityHeader",
+    }
+)
+# Answers worth retrying although some come with a 4xx status.
+_TRANSIENT_CODES: Final = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "TooManyRequestsException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "ExpiredToken",  # temporary credentials being refreshed
+        "TokenRefreshRequired",
+        "OperationAborted",  # a conflicting operation on the bucket is in progress
+        "InternalError",
+        "ServiceUnavailable",
     }
 )
 
 
 @dataclass(frozen=True)
 class S3Failure:
-    """What went wrong with one request: ``kind`` is RETRYABLE or PERMANENT."""
+    """What went wrong with one request: ``kind`` is TRANSIENT, BLOCKED or REFUSED."""
 
     kind: str
     code: str
     message: str
 
     def describe(self) -> str:
-        return f"{self.kind} S3 error {self.code}: {self.message}"
+        return printable(f"{self.kind} S3 error {self.code}: {self.message}", 300)
 
 
 def classify(exc: BaseException) -> S3Failure:
-    """Sort an exception from boto3 into retryable (transient) or permanent (needs a human)."""
+    """Sort an exception from boto3 into transient, blocked (needs a human) or refused."""
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code") or "Unknown")
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         message = str(error.get("Message") or exc)
-        if code in _PERMANENT_CODES or status in (401, 403) or (code == "404" and status == 404):
-            return S3Failure(PERMANENT, code, message)
-        # 5xx, throttling (SlowDown, 503, RequestTimeout ...) and anything unknown: retry.
-        return S3Failure(RETRYABLE, code, message)
+        if code == "NotImplemented" or status == 501:  # a header S3 does not implement
+            return S3Failure(REFUSED, code, message)
+        if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
+            return S3Failure(TRANSIENT, code, message)
+        if code in _BLOCKED_CODES or code.startswith("KMS.") or status in (301, 307, 401, 403, 404):
+            return S3Failure(BLOCKED, code, message)
+        if 400 <= status < 500:
+            return S3Failure(REFUSED, code, message)
+        return S3Failure(TRANSIENT, code, message)  # no status: a broken answer, try again
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        return S3Failure(PERMANENT, type(exc).__name__, str(exc))
-    # Connection errors, other botocore errors and anything unknown: retry.
-    return S3Failure(RETRYABLE, type(exc).__name__, str(exc))
+        return S3Failure(BLOCKED, type(exc).__name__, str(exc))
+    if isinstance(exc, ParamValidationError):  # botocore refuses the request before sending
+        return S3Failure(REFUSED, type(exc).__name__, str(exc))
+    if isinstance(exc, HTTPClientError) and isinstance(exc.kwargs.get("error"), ValueError):
+        return S3Failure(REFUSED, type(exc).__name__, str(exc))  # e.g. an invalid header value
+    if isinstance(exc, ValueError | TypeError):
+        return S3Failure(REFUSED, type(exc).__name__, str(exc))
+    # Connection errors, timeouts, other botocore errors and anything unknown: retry.
+    return S3Failure(TRANSIENT, type(exc).__name__, str(exc))
+
+
+class S3PutError(Exception):
+    """A failed PUT, already classified."""
+
+    def __init__(self, failure: S3Failure) -> None:
+        super().__init__(failure.describe())
+        self.failure = failure
 
 
 def backoff_delay(attempt: int, kind: str, base: float = 0.2, cap: float = 15.0) -> float:
-    """Capped exponential backoff with full jitter; permanent errors start slower."""
-    start = base * (10 if kind == PERMANENT else 1)
+    """Capped exponential backoff with full jitter; a blocked S3 is retried more slowly."""
+    start = base * (10 if kind == BLOCKED else 1)
     return random.uniform(0, min(cap, start * 2 ** min(attempt, 16)))
 
 
@@ -115,6 +170,7 @@ class S3Store:
         self.client = client
         self._lock = threading.Lock()
         self._state = "unknown"
+        self.last_success = 0.0  # time.monotonic() of the last stored object
 
     def describe(self) -> str:
         return f"s3://{self.bucket} at {self.client.meta.endpoint_url}"
@@ -126,6 +182,7 @@ class S3Store:
         self._put(key, body, metadata, REJECTED_CONTENT_TYPE)
 
     def _put(self, key: str, body: bytes, metadata: Mapping[str, str], content_type: str) -> None:
+        """One PUT; raises :class:`S3PutError` with the classified failure."""
         try:
             self.client.put_object(
                 Bucket=self.bucket,
@@ -136,8 +193,10 @@ class S3Store:
             )
         except Exception as exc:
             failure = classify(exc)
-            self._set_state(f"{failure.kind} {failure.code}", failure)
-            raise
+            if failure.kind != REFUSED:  # a refusal is about one object, not about S3
+                self._set_state(f"{failure.kind} {failure.code}", failure)
+            raise S3PutError(failure) from exc
+        self.last_success = time.monotonic()
         self._set_state("ok", None)
 
     @property
@@ -154,7 +213,7 @@ class S3Store:
         if failure is None:
             if previous != "unknown":
                 log.info("%s: storing again (was: %s)", self.describe(), previous)
-        elif failure.kind == PERMANENT:
+        elif failure.kind == BLOCKED:
             log.error(
                 "%s: %s; will keep retrying, fix the bucket/credentials/policy",
                 self.describe(),

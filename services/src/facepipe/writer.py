@@ -25,7 +25,7 @@ import uuid
 from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import paho.mqtt.client as paho
@@ -49,15 +49,18 @@ from facepipe.config import (
 from facepipe.logsetup import setup_logging
 from facepipe.mqtt import MqttSession, MqttSettings
 from facepipe.notify import Notifier, stop_on_signals
-from facepipe.s3store import S3Store, backoff_delay, classify
+from facepipe.quarantine import Quarantine
+from facepipe.s3store import REFUSED, S3Failure, S3PutError, S3Store, backoff_delay
 from facepipe.stats import Counters, StatsReporter, serve_metrics
 
 PROG: Final = "face-writer"
 log = logging.getLogger("facepipe.writer")
 
 MIB: Final = 1024 * 1024
-REJECT_ATTEMPTS: Final = 3
+DAY: Final = 86400.0
 WEDGED_AFTER: Final = 180.0  # a busy worker silent this long means the pool is stuck
+# Announced MQTT 5 Maximum Packet Size = max_bytes + room for the longest topic and properties.
+PACKET_OVERHEAD: Final = 70 * 1024
 
 
 def _s3_prefix(text: str) -> str:
@@ -80,7 +83,37 @@ OPTIONS: Final = (
     Option("s3_bucket", non_empty, None, "S3 bucket to store faces in", required=True),
     Option("s3_prefix", _s3_prefix, "faces", "key prefix for faces in the bucket"),
     Option("share_group", _share_group, "writers", "MQTT shared-subscription group"),
-    Option("max_bytes", int_range(1, 256 * MIB), 5 * MIB, "largest accepted payload (bytes)"),
+    Option(
+        "max_bytes",
+        int_range(1024, 256 * MIB),
+        MIB,
+        "largest accepted payload in bytes (match the brokers' message_size_limit)",
+    ),
+    Option(
+        "max_age",
+        float_range(60),
+        7 * DAY,
+        "seconds: faces captured longer ago are set aside (too_old)",
+    ),
+    Option(
+        "max_future",
+        float_range(0),
+        300.0,
+        "seconds: faces captured further ahead of this clock are set aside (in_future)",
+    ),
+    Option(
+        "max_attempts",
+        int_range(1, 1000),
+        20,
+        "failed PUTs of one message before it is set aside, if S3 takes other objects",
+    ),
+    Option(
+        "set_aside_per_minute",
+        int_range(0, 100_000),
+        60,
+        "bad messages kept under rejected/ per device and reason per minute; the rest are "
+        "counted and dropped",
+    ),
     Option("workers", int_range(1, 256), 8, "parallel S3 uploads"),
     Option(
         "drain_timeout",
@@ -98,13 +131,31 @@ class Job:
     mid: int
     qos: int
     topic: str
-    payload: bytes
+    payload: bytes  # the message, or its first SET_ASIDE_MAX_BYTES when it is over max_bytes
+    size: int  # the message's real size
     generation: int  # which connection delivered it: acks are only valid on that one
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
+class _Abandoned(Exception):
+    """Shutdown interrupted a retry: the message stays unacknowledged for redelivery."""
+
+
+def _topic_of(msg: paho.MQTTMessage) -> str:
+    try:
+        return msg.topic
+    except UnicodeDecodeError:  # a broker should never pass one on; it is a bad topic then
+        return bytes(msg._topic).decode("utf-8", "replace")
+
+
 class Writer:
-    """The pool of upload workers and the ack discipline; MQTT and S3 are injected."""
+    """The pool of upload workers and the ack discipline; MQTT and S3 are injected.
+
+    Every message ends acknowledged, in exactly one of three ways: stored under faces/, set
+    aside under rejected/ (a bad message, or one S3 will not take), or dropped and counted
+    (a bad message over the set-aside rate). Only two things leave a message unacknowledged:
+    shutdown, and an S3 that takes nothing at all (then everything waits, as it must).
+    """
 
     def __init__(
         self,
@@ -115,12 +166,18 @@ class Writer:
         max_bytes: int,
         workers: int,
         counters: Counters,
+        window: contract.TimeWindow | None = None,
+        max_attempts: int = 20,
+        set_aside_per_minute: int = 60,
     ) -> None:
         self.store = store
         self.topic_prefix = topic_prefix
         self.s3_prefix = s3_prefix
         self.max_bytes = max_bytes
         self.counters = counters
+        self.window = window or contract.TimeWindow()
+        self.max_attempts = max_attempts
+        self.quarantine = Quarantine(set_aside_per_minute)
         self.capacity = workers * 4
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=self.capacity)
         self.session: MqttSession | None = None
@@ -179,11 +236,16 @@ class Writer:
         if self.stopping.is_set():
             return  # not acknowledged: the broker redelivers it to our session later
         assert self.session is not None
+        payload = msg.payload
+        size = len(payload)
+        if size > self.max_bytes:  # never hold more of an oversized message than is set aside
+            payload = payload[: contract.SET_ASIDE_MAX_BYTES]
         job = Job(
             mid=msg.mid,
             qos=msg.qos,
-            topic=msg.topic,
-            payload=bytes(msg.payload),
+            topic=_topic_of(msg),
+            payload=bytes(payload),
+            size=size,
             generation=self.session.connects,
         )
         self.counters.inc("received")
@@ -220,71 +282,167 @@ class Writer:
             self._busy[index] = True
             try:
                 self._process(job, index)
-            except Exception:  # never lose a worker: the message stays unacked
-                log.exception("unexpected error handling message mid=%d on %r", job.mid, job.topic)
+            except _Abandoned:
+                pass  # left unacknowledged, redelivered later
+            except Exception as exc:  # a bug of ours: keep the message aside, never stall on it
+                log.error(
+                    "unexpected error handling a message on %s: %s",
+                    contract.printable(job.topic),
+                    contract.printable(f"{type(exc).__name__}: {exc}"),
+                )
+                log.debug("traceback", exc_info=True)
+                try:
+                    self._set_aside(job, contract.Reason.INTERNAL_ERROR, type(exc).__name__, index)
+                except _Abandoned:
+                    pass
+                except Exception:
+                    log.exception("could not set the message aside either; acknowledging it")
+                    self._ack(job)
             finally:
                 self._busy[index] = False
                 self._finished()
 
     def _process(self, job: Job, index: int) -> None:
         try:
-            meta, body = contract.decode_face(job.payload, self.max_bytes)
+            if job.size > self.max_bytes:
+                raise contract.ContractError(
+                    contract.Reason.TOO_LARGE, f"{job.size} bytes > {self.max_bytes}"
+                )
+            meta, body = contract.decode_face(job.payload, window=self.window)
             contract.check_topic(self.topic_prefix, job.topic, meta)
         except contract.ContractError as exc:
-            if self._reject(job, exc, index):
-                self._ack(job)
+            self._set_aside(job, exc.reason, exc.detail, index)
             return
         key = contract.face_key(self.s3_prefix, meta)
         metadata = contract.s3_metadata(meta)
+        set_aside = False
+
+        def give_up(failure: S3Failure) -> bool:
+            nonlocal set_aside
+            set_aside = self._set_aside_once(job, contract.Reason.S3_GAVE_UP, failure)
+            return set_aside
+
+        failure = self._put(index, lambda: self.store.put_face(key, body, metadata), give_up)
+        if failure is None:
+            self.counters.inc("stored")
+            log.debug("stored %s (%d bytes)", key, len(body))
+            self._ack(job)
+        elif set_aside:
+            self._ack(job)
+        else:  # refused: S3 will never take this object
+            self._set_aside(job, contract.Reason.S3_REFUSED, failure.describe(), index)
+
+    def _put(
+        self, index: int, put: Callable[[], None], give_up: Callable[[S3Failure], bool]
+    ) -> S3Failure | None:
+        """``put()`` until it succeeds (None) or S3 refuses it (that failure).
+
+        From the ``max_attempts``-th failure on, ``give_up(failure)`` is asked after each
+        one; when it says so, that failure is returned. Raises _Abandoned on shutdown.
+        """
         attempt = 0
         while True:
             self._beats[index] = time.monotonic()
             try:
-                self.store.put_face(key, body, metadata)
-                break
-            except Exception as exc:
-                failure = classify(exc)
-                self.counters.inc("retries")
-                log.debug("put %s failed (%s), attempt %d", key, failure.describe(), attempt + 1)
-                if self.abandon.wait(backoff_delay(attempt, failure.kind)):
-                    return  # shutting down: left unacknowledged, redelivered later
-                attempt += 1
-        self.counters.inc("stored")
-        log.debug("stored %s (%d bytes)", key, len(body))
-        self._ack(job)
+                put()
+                return None
+            except S3PutError as exc:
+                failure = exc.failure
+            if failure.kind == REFUSED:
+                return failure
+            attempt += 1
+            self.counters.inc("retries")
+            log.debug("attempt %d failed: %s", attempt, failure.describe())
+            if attempt >= self.max_attempts and give_up(failure):
+                return failure
+            if self.abandon.wait(backoff_delay(attempt - 1, failure.kind)):
+                raise _Abandoned
 
-    def _reject(self, job: Job, exc: contract.ContractError, index: int) -> bool:
-        """Set a bad message aside; False if shutdown interrupted it (then it is not acked)."""
-        reason = exc.reason
+    def _set_aside(self, job: Job, reason: str, detail: str, index: int) -> None:
+        """Keep a copy of a message that will never be stored as a face, then acknowledge it.
+
+        Over the set-aside rate the copy is skipped (counted as dropped). The copy is retried
+        like a face while S3 is down; it is given up (and counted) only if S3 refuses it or
+        keeps failing it while taking other objects.
+        """
+        device = contract.rejected_device(self.topic_prefix, job.topic)
         self.counters.inc("rejected")
         self.counters.inc(f"rejected_{reason}")
-        key = contract.rejected_key(job.received_at, str(uuid.uuid4()))
-        metadata = contract.rejected_metadata(reason, job.topic, exc.detail)
+        if not self._may_keep(device, reason):
+            self._ack(job)
+            return
+        key, body, metadata = self._copy(job, device, reason, detail)
         log.warning(
-            "rejected message on %r (%d bytes): %s -> s3 key %s",
-            job.topic[:200],
-            len(job.payload),
-            exc,
+            "set aside a message on %s (%d bytes): %s: %s -> %s",
+            contract.printable(job.topic),
+            job.size,
+            reason,
+            detail,
             key,
         )
-        for attempt in range(REJECT_ATTEMPTS):
-            self._beats[index] = time.monotonic()
-            try:
-                self.store.put_rejected(key, job.payload, metadata)
-                return True
-            except Exception as put_exc:
-                failure = classify(put_exc)
-                if attempt + 1 == REJECT_ATTEMPTS:
-                    log.error(
-                        "could not set aside rejected message %s (%s); acknowledging it anyway",
-                        key,
-                        failure.describe(),
-                    )
-                    self.counters.inc("rejected_unsaved")
-                    return True
-                if self.abandon.wait(backoff_delay(attempt, failure.kind)):
-                    return False  # shutting down: redelivered and set aside next time
+        started = time.monotonic()
+        failure = self._put(
+            index,
+            lambda: self.store.put_rejected(key, body, metadata),
+            lambda _failure: self.store.last_success > started,
+        )
+        if failure is not None:
+            log.error("could not set aside %s (%s); acknowledged anyway", key, failure.describe())
+            self.counters.inc("set_aside_failed")
+        self._ack(job)
+
+    def _set_aside_once(self, job: Job, reason: str, failure: S3Failure) -> bool:
+        """One try to set aside a face that keeps failing: True if S3 took the copy (so S3
+        works and the face is the problem), False to go on retrying the face."""
+        device = contract.rejected_device(self.topic_prefix, job.topic)
+        if not self._may_keep(device, reason, count=False):
+            return False
+        key, body, metadata = self._copy(job, device, reason, failure.describe())
+        try:
+            self.store.put_rejected(key, body, metadata)
+        except S3PutError:
+            return False
+        self.counters.inc("rejected")
+        self.counters.inc(f"rejected_{reason}")
+        log.warning(
+            "set aside a face on %s after %d failed attempts (S3 takes other objects): %s -> %s",
+            contract.printable(job.topic),
+            self.max_attempts,
+            failure.describe(),
+            key,
+        )
         return True
+
+    def _may_keep(self, device: str, reason: str, count: bool = True) -> bool:
+        """The set-aside rate per (device, reason). With ``count``, a message over it is
+        dropped: counted, and logged once per episode."""
+        allowed, dropped = self.quarantine.take(device, reason)
+        if allowed and dropped:
+            log.warning(
+                "%s: %d %s message(s) were dropped over the set-aside rate",
+                device,
+                dropped,
+                reason,
+            )
+        if allowed or not count:
+            return allowed
+        self.counters.inc("dropped")
+        self.counters.inc(f"dropped_{reason}")
+        if dropped == 1:
+            log.warning(
+                "%s: more than %d %s messages a minute; dropping the rest (counted)",
+                device,
+                self.quarantine.per_minute,
+                reason,
+            )
+        return False
+
+    def _copy(
+        self, job: Job, device: str, reason: str, detail: str
+    ) -> tuple[str, bytes, dict[str, str]]:
+        key = contract.rejected_key(device, job.received_at, str(uuid.uuid4()))
+        body = job.payload[: contract.SET_ASIDE_MAX_BYTES]
+        return key, body, contract.rejected_metadata(reason, job.topic, detail, job.size)
 
     def _ack(self, job: Job) -> None:
         assert self.session is not None
@@ -313,7 +471,9 @@ def run(argv: list[str] | None = None) -> int:
     settings = build_settings(opts)
     setup_logging(opts.log_level)
 
-    counters = Counters(["received", "stored", "acked", "retries", "rejected"], ["in_flight"])
+    counters = Counters(
+        ["received", "stored", "acked", "retries", "rejected", "dropped"], ["in_flight"]
+    )
     try:
         store = S3Store(opts.s3_bucket, workers=opts.workers)
     except (ValueError, BotoCoreError) as exc:  # e.g. a malformed AWS_ENDPOINT_URL
@@ -325,6 +485,11 @@ def run(argv: list[str] | None = None) -> int:
         max_bytes=opts.max_bytes,
         workers=opts.workers,
         counters=counters,
+        window=contract.TimeWindow(
+            max_age=timedelta(seconds=opts.max_age), max_future=timedelta(seconds=opts.max_future)
+        ),
+        max_attempts=opts.max_attempts,
+        set_aside_per_minute=opts.set_aside_per_minute,
     )
     subscription = contract.share_subscription(opts.share_group, opts.topic_prefix)
     session = MqttSession(
@@ -334,6 +499,7 @@ def run(argv: list[str] | None = None) -> int:
         subscriptions=[(subscription, 1)],
         on_message=writer.on_message,
         receive_maximum=writer.capacity,
+        maximum_packet_size=opts.max_bytes + PACKET_OVERHEAD,
     )
     writer.session = session
     session.client.on_subscribe = _log_subscribed(subscription)
