@@ -60,6 +60,7 @@ class Broker:
 
     workdir: Path
     port: int = field(default_factory=free_port)
+    autosave: int = 1  # seconds between persistence snapshots (mosquitto's autosave_interval)
     host: str = LOOPBACK
     process: subprocess.Popen[bytes] | None = None
 
@@ -73,7 +74,7 @@ class Broker:
             f"user {getpass.getuser()}\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
-            "autosave_interval 1\n"
+            f"autosave_interval {self.autosave}\n"
             "max_queued_messages 100000\n"
             f"log_dest file {self.workdir}/mosquitto.log\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
@@ -89,6 +90,13 @@ class Broker:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)  # saves the persistence db on exit
+            self.process.wait(10)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL, as an OOM kill or a power cut: whatever the last snapshot missed is gone."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
             self.process.wait(10)
         self.process = None
 

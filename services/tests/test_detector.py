@@ -20,7 +20,8 @@ from conftest import Broker, free_port, program_env, start_program, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 from facepipe import contract
-from facepipe.detector import COUNTERS, Publisher, encode_within
+from facepipe.delivery import BrokerPublisher
+from facepipe.detector import COUNTERS, encode_within
 from facepipe.mqtt import MqttSession, MqttSettings
 from facepipe.stats import Counters
 
@@ -333,7 +334,7 @@ def test_live_publisher_bounds_its_queue_and_counts_drops():
     settings = MqttSettings("127.0.0.1", free_port(), None, None, None, "t", "5", 30)
     session = MqttSession(settings, max_queued=3)
     counters = Counters(COUNTERS)
-    publisher = Publisher(session, f"faces/{DEVICE}", 1, 3, counters)
+    publisher = BrokerPublisher(session, f"faces/{DEVICE}", 1, 3, counters)
     results = [publisher.publish(b"\xff\xd8face\xff\xd9") for _ in range(5)]
     assert results == [True, True, True, False, False]
     assert counters.get("published") == 3 and counters.get("publish_dropped") == 2

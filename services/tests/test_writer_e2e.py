@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from conftest import program_env, start_program, wait_for
 from test_writer import (
     _no_leaked_writers,  # noqa: F401 (autouse: no leaked writers)
@@ -19,7 +20,10 @@ from facepipe import contract
 DEVICE = "edge-e2e"
 
 
-def test_detector_to_broker_to_writer_to_s3(mosquitto, s3, sample_clip, tmp_path):
+@pytest.mark.parametrize("outbox", [False, True], ids=["broker-acks", "outbox"])
+def test_detector_to_broker_to_writer_to_s3(mosquitto, s3, sample_clip, tmp_path, outbox):
+    """With an outbox, the finished clip also waits for the writer's acknowledgement of every
+    face, and the outbox is empty at the end."""
     clip, truth = sample_clip
     writer_log = tmp_path / "writer.log"
     writer = start_writer(writer_env(mosquitto, s3), writer_log)
@@ -32,6 +36,7 @@ def test_detector_to_broker_to_writer_to_s3(mosquitto, s3, sample_clip, tmp_path
                 "FACEPIPE_SOURCE": str(clip),
                 "FACEPIPE_DEVICE_ID": DEVICE,
                 "FACEPIPE_REALTIME": "false",
+                **({"FACEPIPE_OUTBOX_DIR": str(tmp_path / "outbox")} if outbox else {}),
             },
         ),
         log=detector_log,
@@ -40,6 +45,9 @@ def test_detector_to_broker_to_writer_to_s3(mosquitto, s3, sample_clip, tmp_path
     stopped = [line for line in log_text(detector_log).splitlines() if "stopped:" in line][-1]
     published = int(re.search(r"\backed=(\d+)", stopped).group(1))
     assert published > 0, stopped
+    if outbox:
+        assert not list((tmp_path / "outbox").glob("*.face"))
+        assert f"e2e_acked={published}" in stopped, stopped
     wait_for(lambda: len(face_keys(s3)) >= published, 30, f"{published} faces in S3")
     keys = face_keys(s3)
     assert len(keys) == published

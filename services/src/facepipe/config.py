@@ -127,6 +127,19 @@ def default_hostname() -> str:
     return socket.gethostname().split(".")[0]
 
 
+def resolve_device_id(value: str | None) -> str:
+    """``--device-id`` if given, else this host's name (which must then be a valid id)."""
+    if value:
+        return value
+    host = default_hostname()
+    if not is_valid_device_id(host):
+        raise ConfigError(
+            f"--device-id / FACEPIPE_DEVICE_ID: the hostname {host!r} is not a valid device id "
+            f"({DEVICE_ID_RE.pattern}); set one"
+        )
+    return host
+
+
 # --- common options ---------------------------------------------------------------------
 
 LOGGING_OPTIONS: tuple[Option, ...] = (
@@ -169,8 +182,12 @@ def parse_options(
     options: Sequence[Option],
     argv: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    positional: str | None = None,
 ) -> argparse.Namespace:
-    """Resolve every option from flags, then ``FACEPIPE_*`` variables, then defaults."""
+    """Resolve every option from flags, then ``FACEPIPE_*`` variables, then defaults.
+
+    ``positional`` names a list of positional arguments (e.g. files), kept as given.
+    """
     env = os.environ if environ is None else environ
     parser = _Parser(
         prog=prog,
@@ -188,8 +205,10 @@ def parse_options(
             metavar=opt.name.upper(),
             help=f"{opt.help}{default_text} [env {opt.env}]",
         )
+    if positional:
+        parser.add_argument(positional, nargs="*", metavar=positional.upper())
     raw = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {positional: getattr(raw, positional)} if positional else {}
     for opt in options:
         text = getattr(raw, opt.name)
         if text is None:

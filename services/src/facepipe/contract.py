@@ -17,7 +17,7 @@ import json
 import re
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -43,6 +43,10 @@ MAX_SEGMENTS: Final = 256  # marker segments before the image data
 # What S3 allows (AWS; MinIO and the others follow it) and what the set-aside copy keeps.
 S3_METADATA_LIMIT: Final = 2048  # user metadata: names + values, UTF-8 bytes
 SET_ASIDE_MAX_BYTES: Final = 64 * 1024  # a set-aside object holds at most this much payload
+
+# Acknowledgements (writer -> edge): face ids per message, and the largest such message.
+MAX_ACK_IDS: Final = 256
+MAX_ACK_BYTES: Final = 64 + MAX_ACK_IDS * 39
 
 _SOI: Final = b"\xff\xd8"
 _EOI: Final = b"\xff\xd9"
@@ -78,6 +82,8 @@ class Reason:
     S3_REFUSED: Final = "s3_refused"  # a permanent answer for this object (4xx)
     S3_GAVE_UP: Final = "s3_gave_up"  # failed --max-attempts times while S3 took other objects
     INTERNAL_ERROR: Final = "internal_error"  # a bug in the writer; the message is kept aside
+    # Not a face message: an acknowledgement the edge could not read (logged, ignored).
+    BAD_ACK: Final = "bad_ack"
 
     ALL: Final = (
         EMPTY,
@@ -93,7 +99,7 @@ class Reason:
         S3_REFUSED,
         S3_GAVE_UP,
         INTERNAL_ERROR,
-    )
+    )  # every reason a message is set aside for (BAD_ACK is not one)
 
 
 def printable(value: object, limit: int = _DETAIL_LIMIT) -> str:
@@ -459,6 +465,37 @@ def face_topic(prefix: str, device_id: str) -> str:
 
 def status_topic(prefix: str, device_id: str) -> str:
     return f"{prefix}/{device_id}/status"
+
+
+def ack_topic(prefix: str, device_id: str) -> str:
+    """Where the writer acknowledges a device's stored faces (carried back by its bridge)."""
+    return f"{prefix}/{device_id}/ack"
+
+
+def encode_ack(face_ids: Sequence[str]) -> bytes:
+    """An acknowledgement: ``{"v": 1, "face_ids": [...]}`` for at most MAX_ACK_IDS faces."""
+    if not 0 < len(face_ids) <= MAX_ACK_IDS or not all(map(is_valid_face_id, face_ids)):
+        raise ValueError(f"an ack names 1..{MAX_ACK_IDS} canonical face ids")
+    body = {"v": SCHEMA_VERSION, "face_ids": list(face_ids)}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_ack(payload: bytes) -> list[str]:
+    """The face ids an acknowledgement names; ContractError(BAD_ACK) for anything else."""
+    try:
+        if len(payload) > MAX_ACK_BYTES:
+            raise ValueError(f"{len(payload)} bytes")
+        body = _parse_metadata(payload)
+        if not isinstance(body, dict) or body.get("v") not in SUPPORTED_VERSIONS:
+            raise ValueError("not a version 1 ack object")
+        ids = body.get("face_ids")
+        if not isinstance(ids, list) or not 0 < len(ids) <= MAX_ACK_IDS:
+            raise ValueError(f"face_ids is not a list of 1..{MAX_ACK_IDS}")
+        if not all(map(is_valid_face_id, ids)):
+            raise ValueError("face_ids holds something that is not a canonical face id")
+        return list(ids)
+    except (ValueError, RecursionError) as exc:
+        raise ContractError(Reason.BAD_ACK, str(exc)) from None
 
 
 def share_subscription(group: str, prefix: str) -> str:

@@ -17,7 +17,6 @@ publish the retained ``offline`` status, disconnect cleanly, exit 0.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from argparse import Namespace
 from collections.abc import Callable
@@ -27,20 +26,13 @@ from typing import Final
 
 import cv2
 import numpy as np
-import paho.mqtt.client as paho
-from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from facepipe import contract
 from facepipe.boxes import Box
 from facepipe.config import (
     LOGGING_OPTIONS,
     MQTT_OPTIONS,
-    ConfigError,
     Option,
-    default_hostname,
     device_id,
     existing_file,
     float_range,
@@ -48,12 +40,19 @@ from facepipe.config import (
     non_empty,
     parse_bool,
     parse_options,
+    resolve_device_id,
     run_main,
+)
+from facepipe.delivery import (
+    DELIVERY_COUNTERS,
+    DELIVERY_GAUGES,
+    OUTBOX_OPTIONS,
+    start_publishing,
 )
 from facepipe.detection import Detector, HaarDetector, YuNetDetector, crop_quality, set_threads
 from facepipe.frames import Frame, FrameSource, open_source
 from facepipe.logsetup import setup_logging
-from facepipe.mqtt import MqttSession, MqttSettings, Will
+from facepipe.mqtt import MqttSettings, Will
 from facepipe.notify import Notifier, stop_on_signals
 from facepipe.stats import Counters, StatsReporter, serve_metrics
 from facepipe.tracking import Observation, Tracker
@@ -117,6 +116,7 @@ OPTIONS: Final = (
     ),
     Option("max_queued", int_range(1, 1_000_000), 1000, "unacknowledged publishes held at most"),
     Option("drain_timeout", float_range(0), 30.0, "seconds to wait for acks on SIGTERM"),
+    *OUTBOX_OPTIONS,
     *MQTT_OPTIONS,
     *LOGGING_OPTIONS,
 )
@@ -139,115 +139,6 @@ COUNTERS: Final = (
 class Crop:
     box: Box  # the face in source pixels (what the metadata's bbox says)
     image: np.ndarray  # the face with its margin
-
-
-class Publisher:
-    """Publishes messages and tracks the ones the broker has not acknowledged yet.
-
-    Acknowledgements come from paho's ``on_publish`` (PUBACK for QoS 1, sent for QoS 0),
-    matched by message id. ``MQTTMessageInfo.is_published`` is not used: it raises for a
-    message published while disconnected, although paho still holds and later sends it.
-    """
-
-    def __init__(
-        self, session: MqttSession, topic: str, qos: int, max_pending: int, counters: Counters
-    ) -> None:
-        self.session = session
-        self.topic = topic
-        self.qos = qos
-        self.max_pending = max_pending
-        self.counters = counters
-        self._lock = threading.Lock()
-        self._pending: dict[int, bool] = {}  # mid -> is a face
-        self._early: set[int] = set()  # acks that arrived before publish() returned
-        self.properties: Properties | None = None
-        if session.settings.v5:
-            self.properties = Properties(PacketTypes.PUBLISH)
-            self.properties.ContentType = contract.CONTENT_TYPE
-        session.client.on_publish = self._on_publish
-
-    def _on_publish(
-        self,
-        client: paho.Client,
-        userdata: object,
-        mid: int,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            log.warning("broker refused message %d: %s", mid, reason)
-            self.counters.inc("publish_refused")
-        with self._lock:
-            is_face = self._pending.pop(mid, None)
-            if is_face is None:
-                self._early.add(mid)
-        if is_face:
-            self.counters.inc("acked")
-
-    def _track(self, mid: int, is_face: bool) -> None:
-        with self._lock:
-            if mid in self._early:
-                self._early.discard(mid)
-                acked_now = True
-            else:
-                self._pending[mid] = is_face
-                acked_now = False
-        if acked_now and is_face:
-            self.counters.inc("acked")
-
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._pending)
-
-    def publish(self, payload: bytes) -> bool:
-        """Publish a face; False if paho's bounded queue is full (counted as dropped)."""
-        info = self.session.publish(self.topic, payload, self.qos, properties=self.properties)
-        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            self.counters.inc("publish_dropped")
-            return False
-        # MQTT_ERR_NO_CONN still queues the message: paho sends it after reconnecting.
-        self.counters.inc("published")
-        self._track(info.mid, True)
-        return True
-
-    def publish_status(self, topic: str, payload: bytes) -> int | None:
-        """A retained QoS 1 status message; returns its mid (None if it could not be queued)."""
-        info = self.session.publish(topic, payload, 1, retain=True)
-        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            return None
-        self._track(info.mid, False)
-        return info.mid
-
-    def is_acked(self, mid: int | None) -> bool:
-        with self._lock:
-            return mid is not None and mid not in self._pending
-
-    def wait_room(self, stop: threading.Event, tick: Callable[[], None]) -> None:
-        """Block (file sources) while ``max_pending`` messages are unacknowledged."""
-        while self.pending() >= self.max_pending and not stop.is_set():
-            tick()
-            time.sleep(0.02)
-
-    def drain(self, stop: threading.Event, timeout: float, tick: Callable[[], None]) -> bool:
-        """Wait until every publish is acknowledged; False on timeout.
-
-        Before ``stop`` is set this waits as long as it takes (a finished file); once it is
-        set (SIGTERM), at most ``timeout`` seconds more.
-        """
-        deadline: float | None = None
-        last_log = time.monotonic()
-        while self.pending():
-            now = time.monotonic()
-            if deadline is None and stop.is_set():
-                deadline = now + timeout
-            if deadline is not None and now >= deadline:
-                return False
-            if now - last_log >= 10:
-                log.info("waiting for %d acknowledgement(s)", self.pending())
-                last_log = now
-            tick()
-            time.sleep(0.02)
-        return True
 
 
 def crop_face(frame: np.ndarray, box: Box, margin: float) -> Crop | None:
@@ -280,18 +171,6 @@ def build_detector(opts: Namespace) -> Detector:
     )
 
 
-def resolve_device_id(opts: Namespace) -> str:
-    if opts.device_id:
-        return str(opts.device_id)
-    host = default_hostname()
-    if not contract.is_valid_device_id(host):
-        raise ConfigError(
-            f"--device-id / FACEPIPE_DEVICE_ID: the hostname {host!r} is not a valid device id "
-            f"({contract.DEVICE_ID_RE.pattern}); set one"
-        )
-    return host
-
-
 class Pipeline:
     """Detect, track, crop and publish; no I/O of its own besides the publisher."""
 
@@ -299,14 +178,14 @@ class Pipeline:
         self,
         detector: Detector,
         tracker: Tracker[tuple[Crop, datetime]],
-        publisher: Publisher,
+        publish: Callable[[str, bytes], bool],
         device: str,
         opts: Namespace,
         counters: Counters,
     ) -> None:
         self.detector = detector
         self.tracker = tracker
-        self.publisher = publisher
+        self.publish = publish
         self.device = device
         self.margin = opts.crop_margin
         self.quality = opts.jpeg_quality
@@ -347,7 +226,7 @@ class Pipeline:
                 )
                 self.counters.inc("too_large_dropped")
                 continue
-            if self.publisher.publish(message):
+            if self.publish(meta.face_id, message):
                 sent += 1
                 log.debug("face %s track %s frame %d", meta.face_id, pub.track_id, pub.frame)
         return sent
@@ -381,7 +260,7 @@ def encode_within(
 
 def run(argv: list[str] | None = None) -> int:
     opts = parse_options(PROG, "Detect faces and publish them to MQTT.", OPTIONS, argv)
-    device = resolve_device_id(opts)
+    device = resolve_device_id(opts.device_id)
     settings = MqttSettings.from_options(opts, default_client_id=f"{PROG}-{device}")
     setup_logging(opts.log_level)
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # we log source states
@@ -391,28 +270,30 @@ def run(argv: list[str] | None = None) -> int:
     detector = build_detector(opts)
     source = open_source(opts.source, realtime=opts.realtime, loop=opts.loop, fps=opts.fps)
 
-    counters = Counters(COUNTERS, ["pending", "source_up"])
+    counters = Counters([*COUNTERS, *DELIVERY_COUNTERS], ["pending", "source_up", *DELIVERY_GAUGES])
     notifier = Notifier()
     stop = stop_on_signals()
 
     status = contract.status_topic(opts.topic_prefix, device)
-    session = MqttSession(
+    publishing = start_publishing(
+        opts,
         settings,
+        device=device,
+        counters=counters,
         will=Will(status, OFFLINE, qos=1, retain=True),
-        # Live: paho's queue is the bound (drops counted). Files: unbounded in paho, bounded
-        # by Publisher.wait_room so nothing is ever dropped.
+        # Live: paho's queue is the bound (beyond it a face waits in the outbox, or without
+        # one is dropped and counted). Files: unbounded in paho, bounded by wait_room.
         max_queued=opts.max_queued if source.live else 0,
+        max_pending=opts.max_queued,
     )
-    publisher = Publisher(
-        session, contract.face_topic(opts.topic_prefix, device), opts.qos, opts.max_queued, counters
-    )
+    session, publisher = publishing.session, publishing.publisher
     tracker: Tracker[tuple[Crop, datetime]] = Tracker(
         min_interval=opts.min_interval,
         iou_threshold=opts.iou_threshold,
         min_hits=opts.min_hits,
         max_missed=opts.max_missed,
     )
-    pipeline = Pipeline(detector, tracker, publisher, device, opts, counters)
+    pipeline = Pipeline(detector, tracker, publishing.submit, device, opts, counters)
     if opts.metrics_port:
         serve_metrics("facepipe_detector", counters, opts.metrics_address, opts.metrics_port)
 
@@ -435,6 +316,7 @@ def run(argv: list[str] | None = None) -> int:
         if session.connects != announced:  # (re)connected: the Will may have said offline
             announced = session.connects
             publisher.publish_status(status, ONLINE)
+        publishing.tick()
         counters.set_gauge("pending", publisher.pending())
         counters.set_gauge("source_up", 0.0 if source.live and not _up(source) else 1.0)
         reporter.tick()
@@ -453,15 +335,18 @@ def run(argv: list[str] | None = None) -> int:
                 continue
             counters.inc("frames")
             pipeline.process(frame)
-            if not source.live:
+            if not source.live:  # a file loses nothing: wait for room rather than drop
                 publisher.wait_room(stop, tick)
+                while publishing.outbox_full() and not stop.is_set():
+                    tick()
+                    time.sleep(0.05)
             _sync_source_counters(source, counters)
     finally:
         source.close()
 
     notifier.stopping()
     _sync_source_counters(source, counters)
-    drained = publisher.drain(stop, opts.drain_timeout, tick)
+    drained = publisher.drain(stop, opts.drain_timeout, tick, publishing.unfinished)
     if not drained:
         log.warning("%d message(s) not acknowledged before the drain timeout", publisher.pending())
     if session.connected.is_set():
@@ -470,7 +355,15 @@ def run(argv: list[str] | None = None) -> int:
         while not publisher.is_acked(mid) and time.monotonic() < deadline:
             time.sleep(0.01)
     session.stop()
+    publishing.tick()
+    publishing.close()
     counters.set_gauge("pending", publisher.pending())
+    if publishing.delivery is not None and publishing.delivery.outbox.depth:
+        log.info(
+            "%d face(s) wait in the outbox for the cloud's acknowledgement; they go out again "
+            "at the next start",
+            publishing.delivery.outbox.depth,
+        )
     log.info("stopped: %s", reporter.line())
     return 0
 

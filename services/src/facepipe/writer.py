@@ -148,6 +148,63 @@ def _topic_of(msg: paho.MQTTMessage) -> str:
         return bytes(msg._topic).decode("utf-8", "replace")
 
 
+class AckSender:
+    """Tells each edge which of its faces are handled for good, so its outbox can forget them.
+
+    Face ids are batched per device and published from this thread every ``interval`` seconds
+    (or sooner when a batch is full) on ``<prefix>/<device>/ack`` at QoS 1. A lost
+    acknowledgement only makes the edge publish the face again, which overwrites its own object.
+    """
+
+    def __init__(self, topic_prefix: str, counters: Counters, interval: float = 0.1) -> None:
+        self.topic_prefix = topic_prefix
+        self.counters = counters
+        self.interval = interval
+        self.session: MqttSession | None = None
+        self._pending: dict[str, list[str]] = {}
+        self._count = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="acks", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, device: str, face_id: str) -> None:
+        with self._cond:
+            self._pending.setdefault(device, []).append(face_id)
+            self._count += 1
+            if self._count >= contract.MAX_ACK_IDS:
+                self._cond.notify()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Send what is pending, then stop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._stopping and self._count < contract.MAX_ACK_IDS:
+                    self._cond.wait(self.interval)
+                batch, self._pending, self._count = self._pending, {}, 0
+                stopping = self._stopping
+            self._send(batch)
+            if stopping:
+                return
+
+    def _send(self, batch: dict[str, list[str]]) -> None:
+        assert self.session is not None
+        for device, face_ids in batch.items():
+            topic = contract.ack_topic(self.topic_prefix, device)
+            for start in range(0, len(face_ids), contract.MAX_ACK_IDS):
+                chunk = face_ids[start : start + contract.MAX_ACK_IDS]
+                self.session.publish(topic, contract.encode_ack(chunk), qos=1)
+                self.counters.inc("acks_sent", len(chunk))
+
+
 class Writer:
     """The pool of upload workers and the ack discipline; MQTT and S3 are injected.
 
@@ -181,6 +238,7 @@ class Writer:
         self.capacity = workers * 4
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=self.capacity)
         self.session: MqttSession | None = None
+        self.acks: AckSender | None = None
         self.stopping = threading.Event()  # no new messages
         self.abandon = threading.Event()  # give up in-flight retries (they stay unacked)
         self._lock = threading.Lock()
@@ -303,15 +361,18 @@ class Writer:
                 self._finished()
 
     def _process(self, job: Job, index: int) -> None:
+        meta: contract.FaceMeta | None = None
         try:
             if job.size > self.max_bytes:
                 raise contract.ContractError(
                     contract.Reason.TOO_LARGE, f"{job.size} bytes > {self.max_bytes}"
                 )
-            meta, body = contract.decode_face(job.payload, window=self.window)
+            meta, body = contract.decode_face(job.payload)
             contract.check_topic(self.topic_prefix, job.topic, meta)
+            self.window.check(meta.captured_at, datetime.now(UTC))
         except contract.ContractError as exc:
-            self._set_aside(job, exc.reason, exc.detail, index)
+            face_id = meta.face_id if meta is not None else None
+            self._set_aside(job, exc.reason, exc.detail, index, face_id)
             return
         key = contract.face_key(self.s3_prefix, meta)
         metadata = contract.s3_metadata(meta)
@@ -326,11 +387,13 @@ class Writer:
         if failure is None:
             self.counters.inc("stored")
             log.debug("stored %s (%d bytes)", key, len(body))
-            self._ack(job)
+            self._done(job, meta.face_id)
         elif set_aside:
-            self._ack(job)
+            self._done(job, meta.face_id)
         else:  # refused: S3 will never take this object
-            self._set_aside(job, contract.Reason.S3_REFUSED, failure.describe(), index)
+            self._set_aside(
+                job, contract.Reason.S3_REFUSED, failure.describe(), index, meta.face_id
+            )
 
     def _put(
         self, index: int, put: Callable[[], None], give_up: Callable[[S3Failure], bool]
@@ -358,8 +421,11 @@ class Writer:
             if self.abandon.wait(backoff_delay(attempt - 1, failure.kind)):
                 raise _Abandoned
 
-    def _set_aside(self, job: Job, reason: str, detail: str, index: int) -> None:
-        """Keep a copy of a message that will never be stored as a face, then acknowledge it.
+    def _set_aside(
+        self, job: Job, reason: str, detail: str, index: int, face_id: str | None = None
+    ) -> None:
+        """Keep a copy of a message that will never be stored as a face, then acknowledge it
+        (to the broker, and to its publisher when ``face_id`` is known).
 
         Over the set-aside rate the copy is skipped (counted as dropped). The copy is retried
         like a face while S3 is down; it is given up (and counted) only if S3 refuses it or
@@ -369,7 +435,7 @@ class Writer:
         self.counters.inc("rejected")
         self.counters.inc(f"rejected_{reason}")
         if not self._may_keep(device, reason):
-            self._ack(job)
+            self._done(job, face_id)
             return
         key, body, metadata = self._copy(job, device, reason, detail)
         log.warning(
@@ -389,7 +455,7 @@ class Writer:
         if failure is not None:
             log.error("could not set aside %s (%s); acknowledged anyway", key, failure.describe())
             self.counters.inc("set_aside_failed")
-        self._ack(job)
+        self._done(job, face_id)
 
     def _set_aside_once(self, job: Job, reason: str, failure: S3Failure) -> bool:
         """One try to set aside a face that keeps failing: True if S3 took the copy (so S3
@@ -444,6 +510,14 @@ class Writer:
         body = job.payload[: contract.SET_ASIDE_MAX_BYTES]
         return key, body, contract.rejected_metadata(reason, job.topic, detail, job.size)
 
+    def _done(self, job: Job, face_id: str | None) -> None:
+        """A message is handled for good: acknowledge it to the broker and, when its face id
+        and device are known, to the edge that sent it (which then forgets it)."""
+        device = contract.rejected_device(self.topic_prefix, job.topic)
+        if face_id is not None and self.acks is not None and device != contract.UNKNOWN_DEVICE:
+            self.acks.add(device, face_id)
+        self._ack(job)
+
     def _ack(self, job: Job) -> None:
         assert self.session is not None
         if job.qos == 0:
@@ -472,7 +546,8 @@ def run(argv: list[str] | None = None) -> int:
     setup_logging(opts.log_level)
 
     counters = Counters(
-        ["received", "stored", "acked", "retries", "rejected", "dropped"], ["in_flight"]
+        ["received", "stored", "acked", "acks_sent", "retries", "rejected", "dropped"],
+        ["in_flight"],
     )
     try:
         store = S3Store(opts.s3_bucket, workers=opts.workers)
@@ -502,6 +577,9 @@ def run(argv: list[str] | None = None) -> int:
         maximum_packet_size=opts.max_bytes + PACKET_OVERHEAD,
     )
     writer.session = session
+    acks = AckSender(opts.topic_prefix, counters)
+    acks.session = session
+    writer.acks = acks
     session.client.on_subscribe = _log_subscribed(subscription)
 
     notifier = Notifier()
@@ -517,6 +595,7 @@ def run(argv: list[str] | None = None) -> int:
         opts.workers,
     )
     writer.start()
+    acks.start()
     session.start()
     session.wait_connected(5.0)
     notifier.ready("connected" if session.connected.is_set() else "connecting to the broker")
@@ -546,6 +625,7 @@ def run(argv: list[str] | None = None) -> int:
             writer.in_flight,
         )
     writer.stop_workers()
+    acks.stop()
     session.stop()
     counters.set_gauge("in_flight", writer.in_flight)
     log.info("stopped: %s", reporter.line())

@@ -1,0 +1,147 @@
+"""facepipe-publish: hand faces to the edge's end-to-end delivery from any program.
+
+    facepipe-publish --outbox-dir DIR [--device-id ID] [--wait 60] FILE...
+
+Each FILE is a face message (a JPEG carrying the contract's metadata, its device id this one's)
+or a plain JPEG, which gets metadata here: a new face id, ``captured_at`` = the file's
+modification time, ``bbox`` = the whole image, ``detector`` = ``--detector``. Every face is
+accepted into the outbox (fsync'd) before anything is published; then everything in the outbox
+(what an earlier run left included) goes to the local broker, and the command waits up to
+``--wait`` seconds for the cloud's acknowledgements.
+
+Exit status: 0 every face acknowledged; 3 some still wait in the outbox (a later run publishes
+them again); 2 a bad option or file (nothing accepted).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+from facepipe import contract
+from facepipe.config import (
+    LOGGING_OPTIONS,
+    MQTT_OPTIONS,
+    ConfigError,
+    Option,
+    device_id,
+    float_range,
+    int_range,
+    non_empty,
+    parse_options,
+    resolve_device_id,
+    run_main,
+)
+from facepipe.delivery import DELIVERY_COUNTERS, DELIVERY_GAUGES, OUTBOX_OPTIONS, start_publishing
+from facepipe.logsetup import setup_logging
+from facepipe.mqtt import MqttSettings
+from facepipe.stats import Counters, format_counters
+
+PROG: Final = "facepipe-publish"
+EXIT_WAITING: Final = 3
+log = logging.getLogger(__name__)
+
+OPTIONS: Final = (
+    Option("device_id", device_id, None, "device id in topics and metadata (default: hostname)"),
+    Option("detector", non_empty, "external", "detector named in the metadata of plain JPEGs"),
+    Option("wait", float_range(0), 60.0, "seconds to wait for the cloud's acknowledgements"),
+    Option("max_bytes", int_range(1024, 256 * 1024 * 1024), 1024 * 1024, "largest message"),
+    *OUTBOX_OPTIONS,
+    *MQTT_OPTIONS,
+    *LOGGING_OPTIONS,
+)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's frame header; ValueError if it has none."""
+    pos = 2
+    while pos + 9 < len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if marker in (0xC0, 0xC1, 0xC2):
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            return width, height
+        pos += 2 + length
+    raise ValueError("no JPEG frame header")
+
+
+def load_face(path: Path, device: str, detector: str, max_bytes: int) -> tuple[str, bytes]:
+    """A face message from a file: (face_id, message). ConfigError names the file otherwise."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    try:
+        meta, _ = contract.decode_face(data, max_bytes)
+    except contract.ContractError as exc:
+        if exc.reason != contract.Reason.NO_METADATA:
+            raise ConfigError(f"{path}: not a face message: {exc}") from None
+        try:
+            width, height = _jpeg_size(data)
+            captured = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            meta = contract.FaceMeta.new(
+                device_id=device,
+                captured_at=captured,
+                frame=0,
+                bbox=(0, 0, width, height),
+                detector=detector,
+            )
+            data = contract.encode_face(data, meta)
+        except (ValueError, contract.ContractError) as err:
+            raise ConfigError(f"{path}: not a JPEG face image: {err}") from None
+        if len(data) > max_bytes:
+            raise ConfigError(f"{path}: {len(data)} bytes, over --max-bytes {max_bytes}") from None
+    if meta.device_id != device:
+        raise ConfigError(f"{path}: its metadata names device {meta.device_id!r}, not {device!r}")
+    return meta.face_id, data
+
+
+def run(argv: list[str] | None = None) -> int:
+    opts = parse_options(
+        PROG, "Publish faces with end-to-end delivery.", OPTIONS, argv, positional="files"
+    )
+    if not opts.outbox_dir:
+        raise ConfigError("--outbox-dir / FACEPIPE_OUTBOX_DIR is required")
+    device = resolve_device_id(opts.device_id)
+    faces = [load_face(Path(f), device, opts.detector, opts.max_bytes) for f in opts.files]
+    settings = MqttSettings.from_options(opts, default_client_id=f"{PROG}-{device}")
+    setup_logging(opts.log_level)
+    counters = Counters(
+        ["published", "publish_dropped", "acked", *DELIVERY_COUNTERS], DELIVERY_GAUGES
+    )
+    publishing = start_publishing(
+        opts, settings, device=device, counters=counters, resend_leftovers=True
+    )
+    delivery = publishing.delivery
+    assert delivery is not None
+    for face_id, payload in faces:
+        delivery.outbox.put(face_id, payload)  # accepted before anything goes out
+        counters.inc("accepted")
+    publishing.session.start()
+    deadline = time.monotonic() + opts.wait
+    try:
+        while delivery.outbox.depth and time.monotonic() < deadline:
+            publishing.tick()
+            time.sleep(0.05)
+    finally:
+        publishing.session.stop()
+        publishing.tick()
+        left = delivery.outbox.depth
+        publishing.close()
+    log.info("done: %s", format_counters({**counters.snapshot(), **counters.gauges()}))
+    if left:
+        log.warning("%d face(s) wait in %s for the cloud's acknowledgement", left, opts.outbox_dir)
+        return EXIT_WAITING
+    return 0
+
+
+def main() -> None:
+    run_main(PROG, run)
+
+
+if __name__ == "__main__":
+    main()
