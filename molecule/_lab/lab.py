@@ -394,6 +394,11 @@ table inet {table} {{}}
 delete table inet {table}
 table inet {table} {{
     set cut_addrs {{ type ipv4_addr; }}
+    set blocked {{ type ipv4_addr . inet_service; }}
+    chain input {{
+        type filter hook input priority filter - 5; policy accept;
+        ip saddr . tcp dport @blocked drop
+    }}
     chain forward {{
         type filter hook forward priority filter - 5; policy accept;
         ip saddr @cut_addrs drop
@@ -416,11 +421,15 @@ table bridge {table} {{
 }}
 """
     cut = cut_state(lab)
+    blocked = blocked_state(lab)
     run(["nft", "-f", "-"], input=ruleset)
     iptables_forward(lab, bridge, add=True)
-    # restore cuts across re-runs of up
+    # restore cuts and blocked ports across re-runs of up
     for addr, veth in cut.values():
         apply_cut(lab, addr, veth, True)
+    for addr, ports in blocked.values():
+        for port in ports:
+            apply_block(lab, addr, port, True)
 
 
 def cut_state(lab: str) -> dict:
@@ -442,6 +451,20 @@ def apply_cut(lab: str, address: str, veth: str, cut: bool) -> None:
         )
         if proc.returncode != 0 and cut:
             die(f"nft {verb} element failed: {proc.stderr.strip()}")
+
+
+def blocked_state(lab: str) -> dict:
+    state = load_state(lab) or {}
+    return {h["name"]: (h["address"], h.get("blocked", [])) for h in state.get("hosts", []) if h.get("blocked")}
+
+
+def apply_block(lab: str, address: str, port: int, block: bool) -> None:
+    """Drop (silently, like an unreachable service) a host's TCP traffic to a gateway port."""
+    verb = "add" if block else "delete"
+    elem = f"{{ {address} . {port} }}"
+    proc = run(["nft", verb, "element", "inet", nft_table(lab), "blocked", elem], check=False, capture=True)
+    if proc.returncode != 0 and block:
+        die(f"nft {verb} element failed: {proc.stderr.strip()}")
 
 
 def iptables_forward(lab: str, bridge: str, add: bool) -> None:
@@ -701,6 +724,78 @@ def stop_host(lab: str, host: dict, timeout: float = 30) -> None:
         run(["umount", "--lazy", str(root)], check=False)
 
 
+def kill_host(lab: str, host: dict) -> None:
+    """Every process of a host dies at once (SIGKILL): no shutdown, no unit stops, no unmount."""
+    pid = host_pid(lab, host["name"])
+    ns = host.get("netns") or netns_name(lab, host["name"])
+    pids = run(["ip", "netns", "pids", ns], check=False, capture=True).stdout.split() if netns_exists(ns) else []
+    for p in pids:  # the container's init among them: its PID namespace dies with it
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(p), signal.SIGKILL)
+    if pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(pid):
+        die(f"{host['name']}: nspawn {pid} survived SIGKILL")
+
+
+def mount_rootfs(lab: str, host: dict) -> Path:
+    """Mount a host's existing overlay again (its disk as the power cut left it)."""
+    hdir = lab_dir(lab) / host["name"]
+    root = hdir / "rootfs"
+    if host.get("image") and not os.path.ismount(root):
+        opts = f"lowerdir={host['image']},upperdir={hdir / 'upper'},workdir={hdir / 'work'}"
+        run(["mount", "-t", "overlay", "overlay", "-o", opts, str(root)])
+    return root
+
+
+def cmd_poweroff(args) -> None:
+    with locked(lab_lock(args.lab)):
+        state, h = get_host(args)
+        if not host_running(args.lab, h["name"]):
+            die(f"{h['name']}: not running")
+        t0 = time.monotonic()
+        kill_host(args.lab, h)
+        stop_host(args.lab, h)  # network and mount leftovers; the disk (upper layer) stays
+        h["powered_off"] = True
+        save_state(state)
+    log(f"{h['name']}: powered off hard in {time.monotonic() - t0:.1f}s (every process SIGKILLed)")
+
+
+def cmd_poweron(args) -> None:
+    with locked(lab_lock(args.lab)):
+        state, h = get_host(args)
+        if host_running(args.lab, h["name"]):
+            die(f"{h['name']}: already running")
+        if not (lab_dir(args.lab) / h["name"] / "upper").is_dir() and h.get("image"):
+            die(f"{h['name']}: no disk to boot; use up")
+        mount_rootfs(args.lab, h)
+        ensure_netns(args.lab, h, state)
+        if h.get("cut"):
+            apply_cut(args.lab, h["address"], h["veth"], True)
+        pid = boot(args.lab, h)
+        h["powered_off"] = False
+        save_state(state)
+        log(f"{h['name']}: booting from its disk (nspawn pid {pid})")
+        status = wait_ready(state, h, timeout=args.timeout)
+    log(f"{h['name']}: {status}")
+
+
+def cmd_block(args, block: bool = True) -> None:
+    with locked(lab_lock(args.lab)):
+        state, h = get_host(args)
+        apply_block(args.lab, h["address"], args.port, block)
+        ports = set(h.get("blocked", []))
+        ports = ports | {args.port} if block else ports - {args.port}
+        h["blocked"] = sorted(ports)
+        save_state(state)
+    gateway = state["gateway"]
+    log(f"{h['name']}: {gateway}:{args.port} {'blocked (dropped silently)' if block else 'reachable again'}")
+
+
 def parse_host(spec: str) -> dict:
     parts = spec.split(":")
     if len(parts) not in (2, 3):
@@ -922,6 +1017,21 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--lab", required=True)
         s.add_argument("--host", required=True)
         s.set_defaults(func=lambda a, c=cut: cmd_cut(a, c))
+    s = sub.add_parser("poweroff", help="power a host off hard: SIGKILL every process, keep its disk")
+    s.add_argument("--lab", required=True)
+    s.add_argument("--host", required=True)
+    s.set_defaults(func=cmd_poweroff)
+    s = sub.add_parser("poweron", help="boot a powered-off host from its disk")
+    s.add_argument("--lab", required=True)
+    s.add_argument("--host", required=True)
+    s.add_argument("--timeout", type=float, default=180)
+    s.set_defaults(func=cmd_poweron)
+    for name, block in (("block", True), ("unblock", False)):
+        s = sub.add_parser(name, help=f"{'drop' if block else 'allow again'} a host's TCP traffic to a gateway port")
+        s.add_argument("--lab", required=True)
+        s.add_argument("--host", required=True)
+        s.add_argument("--port", type=int, required=True, help="e.g. the S3 endpoint's port on the gateway")
+        s.set_defaults(func=lambda a, b=block: cmd_block(a, b))
     s = sub.add_parser("exec", help="run a command on a host over ssh")
     s.add_argument("--lab", required=True)
     s.add_argument("--host", required=True)
