@@ -113,6 +113,15 @@ def poison_classes(max_bytes: int) -> list[Poison]:
             message(captured_at="0001-01-01T00:10:00+01:00"),
         ),
         Poison(
+            "captured_at in Arabic digits",
+            Reason.BAD_METADATA,
+            message(
+                captured_at=contract.format_time(FACE_TIME_BASE).translate(
+                    str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
+                )
+            ),
+        ),
+        Poison(
             "captured_at in 2100", Reason.IN_FUTURE, message(captured_at="2100-01-01T00:00:00Z")
         ),
         Poison("captured_at in 1970", Reason.TOO_OLD, message(captured_at="1970-01-01T00:00:00Z")),

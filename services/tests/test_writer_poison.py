@@ -262,3 +262,62 @@ def test_40_mb_messages_never_cost_the_writer_their_size(mosquitto, s3, tmp_path
             obj = s3.client.head_object(Bucket=s3.bucket, Key=key)
             assert obj["ContentLength"] <= contract.SET_ASIDE_MAX_BYTES
             assert obj["Metadata"]["size"] == str(len(huge))
+
+
+def poison_writer(mosquitto, s3, proxy, tmp_path, **extra: str) -> WriterProcess:
+    env = program_env(
+        mosquitto.env,
+        s3.env,
+        {
+            "AWS_ENDPOINT_URL": proxy.endpoint,
+            "FACEPIPE_MQTT_CLIENT_ID": f"w-{uuid.uuid4().hex[:8]}",
+            "FACEPIPE_WORKERS": str(WORKERS),
+            "FACEPIPE_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+            "FACEPIPE_METRICS_PORT": str(free_port()),
+            **extra,
+        },
+    )
+    return WriterProcess(env, tmp_path / "writer.log")
+
+
+def test_an_s3_that_refuses_everything_is_an_outage_not_bad_faces(mosquitto, s3, proxy, tmp_path):
+    """A store answering 4xx to every PUT (say, a header it does not support) takes nothing:
+    no face may be acknowledged or set aside; once it takes objects again, all are stored."""
+    writer = poison_writer(mosquitto, s3, proxy, tmp_path)
+    proxy.faults[""] = Fault(400, "InvalidRequest")  # every key, faces and copies alike
+    publisher = Publisher(mosquitto.host, mosquitto.port)
+    faces = [make_face(DEVICE, i) for i in range(20)]
+    publisher.publish_all([(TOPIC, p) for _, p in faces])
+    wait_for(lambda: writer.metrics()["retries"] >= 12, 30, "the writer to keep retrying")
+    time.sleep(2)
+    during = writer.metrics()
+    assert during["acked"] == 0 and during["acks_sent"] == 0 and during["rejected"] == 0
+    proxy.faults.clear()
+    wait_for(lambda: len(s3.keys("faces/")) == 20, 60, "every face once the store takes them")
+    assert s3.keys("rejected/") == []
+    assert writer.stop() == 0
+    publisher.close()
+
+
+def test_a_face_s3_keeps_failing_is_given_up_even_with_no_set_aside_budget(
+    mosquitto, s3, proxy, tmp_path
+):
+    """FACEPIPE_SET_ASIDE_PER_MINUTE=0: no copy may be kept. A face that fails every time
+    while S3 stores others must still let go of its worker; its edge is not told (it keeps
+    the face), and valid faces behind it are stored."""
+    writer = poison_writer(mosquitto, s3, proxy, tmp_path, FACEPIPE_SET_ASIDE_PER_MINUTE="0")
+    failing = str(uuid.uuid4())
+    proxy.faults[failing] = Fault(500, "InternalError")
+    publisher = Publisher(mosquitto.host, mosquitto.port)
+    publisher.publish_all([(TOPIC, message(face_id=failing))])
+    good = [make_face(DEVICE, i) for i in range(10)]
+    publisher.publish_all([(TOPIC, p) for _, p in good])
+    wait_for(lambda: len(s3.keys("faces/")) == 10, 30, "the valid faces")
+    wait_for(lambda: writer.metrics().get("dropped_s3_gave_up") == 1, 60, "the face given up")
+    assert writer.metrics()["acks_sent"] == 10  # not the given-up face: its edge keeps it
+    more = make_face(DEVICE, 50)
+    publisher.publish_all([(TOPIC, more[1])])
+    wait_for(lambda: face_stored(s3, more[0]), 10, "a valid face after it")
+    assert s3.keys("rejected/") == []
+    assert writer.stop() == 0
+    publisher.close()

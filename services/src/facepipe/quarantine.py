@@ -1,9 +1,10 @@
 """How many bad messages face-writer keeps: a token bucket per (device, reason).
 
 Setting a message aside costs an S3 object; a broken camera or a hostile publisher can send
-thousands a second. Each (device, reason) pair may set aside ``per_minute`` messages a minute
-(a burst of up to ``per_minute`` at once); the rest are acknowledged and only counted. The
-number of pairs tracked is bounded too: the oldest idle pair is forgotten first.
+thousands a second. Each (device, reason) pair may set aside a burst of ``per_minute`` messages,
+then one every 60/``per_minute`` seconds (at most twice ``per_minute`` in a first minute, then
+``per_minute`` a minute); the rest are acknowledged and only counted. The number of pairs
+tracked is bounded too: the least recently seen pair is forgotten first (and starts afresh).
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ does with the message:
 - ``blocked``: the bucket, the credentials or the policy are wrong (``NoSuchBucket``,
   ``AccessDenied``, ...). Nothing can be stored until a human fixes it: retried forever, more
   slowly, and never blamed on the message.
-- ``refused``: S3 answered that it will never take *this* object (``MetadataTooLarge``,
+- ``refused``: S3 answered that it will not take *this* object (``MetadataTooLarge``,
   ``InvalidArgument``, ``KeyTooLongError``, ``EntityTooLarge``, other 4xx; a request botocore
-  cannot even form). Retrying cannot help: the writer sets the message aside.
+  cannot even form). The writer believes it only when S3 takes another object meanwhile (a store
+  that refuses everything, e.g. a header it does not support, is an outage, not bad faces).
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ _TRANSIENT_CODES: Final = frozenset(
         "OperationAborted",  # a conflicting operation on the bucket is in progress
         "InternalError",
         "ServiceUnavailable",
+        # The body arrived damaged or cut short (a dropped connection): sending it again helps.
+        "BadDigest",
+        "IncompleteBody",
+        "XAmzContentSHA256Mismatch",
+        "ConditionalRequestConflict",
     }
 )
 
@@ -165,6 +171,10 @@ class S3Store:
                 # botocore's own quick retries for 5xx/throttling/connection errors; the
                 # writer's loop around them retries forever with longer backoff.
                 retries={"mode": "standard", "max_attempts": 3},
+                # Checksum headers only where S3 requires them: several S3-compatible stores
+                # (Backblaze B2, older MinIO and Ceph) refuse botocore's default CRC32 headers.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
             )
             client = boto3.session.Session().client("s3", config=config)
         self.client = client

@@ -50,7 +50,7 @@ from facepipe.logsetup import setup_logging
 from facepipe.mqtt import MqttSession, MqttSettings
 from facepipe.notify import Notifier, stop_on_signals
 from facepipe.quarantine import Quarantine
-from facepipe.s3store import REFUSED, S3Failure, S3PutError, S3Store, backoff_delay
+from facepipe.s3store import BLOCKED, REFUSED, S3Failure, S3PutError, S3Store, backoff_delay
 from facepipe.stats import Counters, StatsReporter, serve_metrics
 
 PROG: Final = "face-writer"
@@ -58,6 +58,7 @@ log = logging.getLogger("facepipe.writer")
 
 MIB: Final = 1024 * 1024
 DAY: Final = 86400.0
+SET_ASIDE_ATTEMPTS: Final = 3  # failed PUTs of a bad message's copy before it may be given up
 WEDGED_AFTER: Final = 180.0  # a busy worker silent this long means the pool is stuck
 # Announced MQTT 5 Maximum Packet Size = max_bytes + room for the longest topic and properties.
 PACKET_OVERHEAD: Final = 70 * 1024
@@ -91,13 +92,13 @@ OPTIONS: Final = (
     ),
     Option(
         "max_age",
-        float_range(60),
+        float_range(60, 10 * 366 * DAY),
         7 * DAY,
         "seconds: faces captured longer ago are set aside (too_old)",
     ),
     Option(
         "max_future",
-        float_range(0),
+        float_range(0, DAY),
         300.0,
         "seconds: faces captured further ahead of this clock are set aside (in_future)",
     ),
@@ -307,6 +308,15 @@ class Writer:
             generation=self.session.connects,
         )
         self.counters.inc("received")
+        if job.qos == 0:  # not covered by Receive Maximum: never let one block this thread
+            try:
+                with self._lock:
+                    self._in_flight += 1
+                self.queue.put_nowait(job)
+            except queue.Full:
+                self._finished()
+                self.counters.inc("dropped_qos0")  # at most once is what QoS 0 promises
+            return
         with self._lock:
             self._in_flight += 1
         while True:
@@ -361,7 +371,6 @@ class Writer:
                 self._finished()
 
     def _process(self, job: Job, index: int) -> None:
-        meta: contract.FaceMeta | None = None
         try:
             if job.size > self.max_bytes:
                 raise contract.ContractError(
@@ -371,71 +380,116 @@ class Writer:
             contract.check_topic(self.topic_prefix, job.topic, meta)
             self.window.check(meta.captured_at, datetime.now(UTC))
         except contract.ContractError as exc:
-            face_id = meta.face_id if meta is not None else None
-            self._set_aside(job, exc.reason, exc.detail, index, face_id)
+            self._set_aside(job, exc.reason, exc.detail, index)
             return
         key = contract.face_key(self.s3_prefix, meta)
         metadata = contract.s3_metadata(meta)
-        set_aside = False
-
-        def give_up(failure: S3Failure) -> bool:
-            nonlocal set_aside
-            set_aside = self._set_aside_once(job, contract.Reason.S3_GAVE_UP, failure)
-            return set_aside
-
-        failure = self._put(index, lambda: self.store.put_face(key, body, metadata), give_up)
-        if failure is None:
+        started = time.monotonic()
+        stored = self._put(
+            index,
+            lambda: self.store.put_face(key, body, metadata),
+            lambda failure: self._give_up_face(job, meta, failure, started),
+            self.max_attempts,
+        )
+        if stored:
             self.counters.inc("stored")
             log.debug("stored %s (%d bytes)", key, len(body))
             self._done(job, meta.face_id)
-        elif set_aside:
-            self._done(job, meta.face_id)
-        else:  # refused: S3 will never take this object
-            self._set_aside(
-                job, contract.Reason.S3_REFUSED, failure.describe(), index, meta.face_id
-            )
 
     def _put(
-        self, index: int, put: Callable[[], None], give_up: Callable[[S3Failure], bool]
-    ) -> S3Failure | None:
-        """``put()`` until it succeeds (None) or S3 refuses it (that failure).
+        self,
+        index: int,
+        put: Callable[[], None],
+        give_up: Callable[[S3Failure], bool],
+        cap: int,
+    ) -> bool:
+        """``put()`` until it succeeds (True) or ``give_up(failure)`` ends it (False).
 
-        From the ``max_attempts``-th failure on, ``give_up(failure)`` is asked after each
-        one; when it says so, that failure is returned. Raises _Abandoned on shutdown.
+        ``give_up`` is asked after a refusal, and after every failure from the ``cap``-th
+        on; when it declines, the PUT is retried with backoff (a refusal like a blocked S3).
+        Raises _Abandoned on shutdown.
         """
         attempt = 0
         while True:
             self._beats[index] = time.monotonic()
             try:
                 put()
-                return None
+                return True
             except S3PutError as exc:
                 failure = exc.failure
-            if failure.kind == REFUSED:
-                return failure
             attempt += 1
             self.counters.inc("retries")
             log.debug("attempt %d failed: %s", attempt, failure.describe())
-            if attempt >= self.max_attempts and give_up(failure):
-                return failure
-            if self.abandon.wait(backoff_delay(attempt - 1, failure.kind)):
+            if (failure.kind == REFUSED or attempt >= cap) and give_up(failure):
+                return False
+            kind = BLOCKED if failure.kind == REFUSED else failure.kind
+            if self.abandon.wait(backoff_delay(attempt - 1, kind)):
                 raise _Abandoned
 
-    def _set_aside(
-        self, job: Job, reason: str, detail: str, index: int, face_id: str | None = None
-    ) -> None:
-        """Keep a copy of a message that will never be stored as a face, then acknowledge it
-        (to the broker, and to its publisher when ``face_id`` is known).
+    def _give_up_face(
+        self, job: Job, meta: contract.FaceMeta, failure: S3Failure, started: float
+    ) -> bool:
+        """A valid face S3 refused, or failed ``max_attempts`` times: end it, or not yet.
+
+        Its whole message is kept under rejected/ if S3 takes that copy (then S3 works and the
+        face is the problem; the edge is told the face is in the bucket). Without a copy (over
+        the set-aside rate, or the copy fails too) it is given up only if S3 stored another
+        object since this face's first attempt; the edge is then not told, so its outbox keeps
+        the face and publishes it again later. Otherwise S3 takes nothing at all: an outage,
+        and the face is retried (False).
+        """
+        reason = (
+            contract.Reason.S3_REFUSED if failure.kind == REFUSED else contract.Reason.S3_GAVE_UP
+        )
+        device = meta.device_id
+        if self._may_keep(device, reason, count=False):
+            key, _, metadata = self._copy(job, device, reason, failure.describe())
+            try:
+                self.store.put_rejected(key, job.payload, metadata)  # whole: a valid face
+            except S3PutError:
+                pass
+            else:
+                self.counters.inc("rejected")
+                self.counters.inc(f"rejected_{reason}")
+                log.warning(
+                    "S3 does not take face %s on %s (%s); kept whole at %s",
+                    meta.face_id,
+                    contract.printable(job.topic),
+                    failure.describe(),
+                    key,
+                )
+                self._done(job, meta.face_id)
+                return True
+        if self.store.last_success <= started:
+            return False  # S3 took nothing since this face came: keep trying
+        self.counters.inc("rejected")
+        self.counters.inc(f"rejected_{reason}")
+        self.counters.inc("dropped")
+        self.counters.inc(f"dropped_{reason}")
+        log.error(
+            "gave up face %s on %s: S3 stores other objects but not this one nor a copy (%s); "
+            "its publisher keeps it and may send it again",
+            meta.face_id,
+            contract.printable(job.topic),
+            failure.describe(),
+        )
+        self._ack(job)
+        return True
+
+    def _set_aside(self, job: Job, reason: str, detail: str, index: int) -> None:
+        """Keep (at most 64 KiB of) a message that breaks the contract, then acknowledge it to
+        the broker. Its publisher is not told: what it holds may be right once its clock or
+        configuration is (a device mismatch, a clock out of the window).
 
         Over the set-aside rate the copy is skipped (counted as dropped). The copy is retried
-        like a face while S3 is down; it is given up (and counted) only if S3 refuses it or
-        keeps failing it while taking other objects.
+        while S3 stores nothing (an outage); it is given up (counted) once S3 has stored other
+        objects since, and it still failed 3 times or was refused.
         """
         device = contract.rejected_device(self.topic_prefix, job.topic)
         self.counters.inc("rejected")
         self.counters.inc(f"rejected_{reason}")
         if not self._may_keep(device, reason):
-            self._done(job, face_id)
+            self._ack(job)
             return
         key, body, metadata = self._copy(job, device, reason, detail)
         log.warning(
@@ -447,37 +501,16 @@ class Writer:
             key,
         )
         started = time.monotonic()
-        failure = self._put(
+        stored = self._put(
             index,
             lambda: self.store.put_rejected(key, body, metadata),
             lambda _failure: self.store.last_success > started,
+            SET_ASIDE_ATTEMPTS,
         )
-        if failure is not None:
-            log.error("could not set aside %s (%s); acknowledged anyway", key, failure.describe())
+        if not stored:
+            log.error("could not set aside %s; acknowledged anyway", key)
             self.counters.inc("set_aside_failed")
-        self._done(job, face_id)
-
-    def _set_aside_once(self, job: Job, reason: str, failure: S3Failure) -> bool:
-        """One try to set aside a face that keeps failing: True if S3 took the copy (so S3
-        works and the face is the problem), False to go on retrying the face."""
-        device = contract.rejected_device(self.topic_prefix, job.topic)
-        if not self._may_keep(device, reason, count=False):
-            return False
-        key, body, metadata = self._copy(job, device, reason, failure.describe())
-        try:
-            self.store.put_rejected(key, body, metadata)
-        except S3PutError:
-            return False
-        self.counters.inc("rejected")
-        self.counters.inc(f"rejected_{reason}")
-        log.warning(
-            "set aside a face on %s after %d failed attempts (S3 takes other objects): %s -> %s",
-            contract.printable(job.topic),
-            self.max_attempts,
-            failure.describe(),
-            key,
-        )
-        return True
+        self._ack(job)
 
     def _may_keep(self, device: str, reason: str, count: bool = True) -> bool:
         """The set-aside rate per (device, reason). With ``count``, a message over it is
@@ -510,11 +543,11 @@ class Writer:
         body = job.payload[: contract.SET_ASIDE_MAX_BYTES]
         return key, body, contract.rejected_metadata(reason, job.topic, detail, job.size)
 
-    def _done(self, job: Job, face_id: str | None) -> None:
-        """A message is handled for good: acknowledge it to the broker and, when its face id
-        and device are known, to the edge that sent it (which then forgets it)."""
+    def _done(self, job: Job, face_id: str) -> None:
+        """The face is in the bucket (under faces/, or whole under rejected/): acknowledge it
+        to the broker and to the edge that sent it, whose outbox then forgets it."""
         device = contract.rejected_device(self.topic_prefix, job.topic)
-        if face_id is not None and self.acks is not None and device != contract.UNKNOWN_DEVICE:
+        if self.acks is not None and device != contract.UNKNOWN_DEVICE:
             self.acks.add(device, face_id)
         self._ack(job)
 
