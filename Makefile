@@ -7,7 +7,7 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
-SCENARIOS ?= broker default
+SCENARIOS ?= broker default faults
 
 # Debian packages the controller needs: a broker for the unit tests, the lab's host builder and
 # network tools, and a browser to check the contact sheet.
@@ -75,7 +75,7 @@ lab-down:
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/lab-down
 
 bench: deps $(STAMP)
-	cd services && ../$(PY) bench/bench_detector.py && ../$(PY) bench/bench_writer.py
+	cd services && ../$(PY) bench/bench_detector.py && ../$(PY) bench/bench_writer.py && ../$(PY) bench/bench_outbox.py
 
 clean:
 	rm -rf $(VENV) services/build services/dist .lab

@@ -82,7 +82,7 @@ def test_largest_valid_metadata_fits_s3_limit_by_construction():
     size = contract.metadata_bytes(contract.s3_metadata(meta))
     assert size <= contract.MAX_S3_METADATA_BYTES < contract.S3_METADATA_LIMIT
     rejected = contract.rejected_metadata(
-        Reason.INTERNAL_ERROR, "t\x00" * 40000, "d\r\n" * 40000, 2**40
+        Reason.INTERNAL_ERROR, "t\x00" * 40000, "d\r\n" * 40000, 2**40, 65536
     )
     assert contract.metadata_bytes(rejected) < contract.S3_METADATA_LIMIT
     assert all(v.isascii() and v.isprintable() for v in rejected.values())

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def test_put_ack_and_reopen_keep_order_and_content(tmp_path):
         assert box.put(face_id, payload) == []
     assert box.ack(faces[1][0]).face_id == faces[1][0]
     assert box.ack(faces[1][0]) is None  # a second ack changes nothing
-    box.put(faces[0][0], b"\xff\xd8 another payload")  # the same face again: changes nothing
+    box.put(*faces[0])  # the same face again: changes nothing
+    with pytest.raises(ValueError, match="another message"):
+        box.put(faces[0][0], b"\xff\xd8 another payload")
     box.close()
     again = Outbox(tmp_path / "o", max_faces=100, max_bytes=MIB)
     entries = again.entries()
@@ -124,3 +127,38 @@ def test_sigkill_at_any_moment_keeps_every_accepted_face_whole(tmp_path, after):
         assert payload is not None
         meta, _ = contract.decode_face(payload)
         assert meta.face_id == face_id
+
+
+def test_a_failing_write_loses_nothing_already_accepted(tmp_path, monkeypatch):
+    """A full disk while the outbox is full: the new face is refused (OSError), the oldest
+    are not dropped for it, and no temporary file is left behind."""
+    box = Outbox(tmp_path / "o", max_faces=2, max_bytes=MIB)
+    kept = [face(i) for i in range(2)]
+    for f, p in kept:
+        box.put(f, p)
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("facepipe.outbox.os.write", full)
+    with pytest.raises(OSError):
+        box.put(*face(2))
+    monkeypatch.undo()
+    assert [e.face_id for e in box.entries()] == [f for f, _ in kept]
+    assert not list((tmp_path / "o").glob(".tmp-*"))
+    assert len(list((tmp_path / "o").glob("*.face"))) == 2
+
+
+def test_expiry_survives_a_clock_that_jumped(tmp_path, monkeypatch):
+    """A face accepted while the clock read 2099 must not shield later ones from expiry."""
+    box = Outbox(tmp_path / "o", max_faces=10, max_bytes=MIB, max_age=3600)
+    real = time.time
+    monkeypatch.setattr("facepipe.outbox.time.time", lambda: real() + 70 * 365 * 86400)
+    box.put(*face(0))
+    monkeypatch.setattr("facepipe.outbox.time.time", real)
+    box.put(*face(1))
+    box.close()
+    again = Outbox(tmp_path / "o", max_faces=10, max_bytes=MIB, max_age=3600)
+    assert again.oldest_age() < 60  # the future mtime is clamped to now
+    expired = again.expire(now=real() + 7200)
+    assert len(expired) == 2 and again.depth == 0

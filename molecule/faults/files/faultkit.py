@@ -3,6 +3,8 @@
 
 loadgen  publishes contract-valid faces through the same end-to-end path as face-detector
          (facepipe.delivery: outbox, publish, acknowledgements, republish) at a fixed rate.
+         With --direct: without an outbox, as any MQTT client would (QoS 1; a face counts as
+         accepted once the edge broker acknowledged it), for comparison.
          Face n has a deterministic face id and capture time, so the controller knows every
          accepted face from the number of faces accepted; ``state.json`` (fsync'd after every
          face) holds that number across kills and power cuts. A face put again after a crash
@@ -70,12 +72,10 @@ def loadgen(args: argparse.Namespace) -> int:
     if not state:
         state = {"run": args.run, "t0": time.time() - 1, "next": 0}
         write_json(state_file, state)
-    argv = [
-        f"--outbox-dir={state_dir / 'outbox'}",
-        f"--mqtt-client-id=fp-loadgen-{args.device}",
-        f"--bridge-state-topic={args.bridge_state_topic}",
-        "--stats-interval=10",
-    ]
+    name = "direct" if args.direct else "loadgen"
+    argv = [f"--mqtt-client-id=fp-{name}-{args.device}", "--stats-interval=10"]
+    if not args.direct:
+        argv += [f"--outbox-dir={state_dir / 'outbox'}", f"--bridge-state-topic={args.bridge_state_topic}"]
     opts = parse_options("loadgen", "", [*OUTBOX_OPTIONS, *MQTT_OPTIONS, *LOGGING_OPTIONS], argv, {})
     setup_logging("info")
     counters = Counters(["published", "publish_dropped", "acked", *DELIVERY_COUNTERS], DELIVERY_GAUGES)
@@ -105,10 +105,14 @@ def loadgen(args: argparse.Namespace) -> int:
                     ),
                     "frame": n,
                     "bbox": [0, 0, 64, 64],
-                    "detector": "loadgen",
+                    "detector": name,
                 }
             )
             publishing.submit(meta.face_id, contract.encode_face(jpeg(n), meta))
+            while args.direct and publishing.publisher.pending() and not stop.is_set():
+                time.sleep(0.005)  # accepted once the broker acknowledged it
+            if stop.is_set():
+                break
             state["next"] = n + 1
             write_json(state_file, state)  # the faces accepted so far, across crashes
         else:
@@ -117,7 +121,7 @@ def loadgen(args: argparse.Namespace) -> int:
         if time.monotonic() - last_log > 10:
             last_log = time.monotonic()
             values = {**counters.snapshot(), **counters.gauges()}
-            print(f"loadgen next={state['next']} {format_counters(values)}", flush=True)
+            print(f"{name} next={state['next']} {format_counters(values)}", flush=True)
     publishing.session.stop()
     publishing.close()
     return 0
@@ -132,7 +136,7 @@ def audit(args: argparse.Namespace) -> int:
             meta, _ = contract.decode_face(msg.payload)
         except contract.ContractError:
             return
-        if meta.detector != "loadgen":
+        if meta.detector not in ("loadgen", "direct"):
             with lock:
                 out.write(meta.face_id + "\n")
                 out.flush()
@@ -155,10 +159,12 @@ def main() -> int:
     s.add_argument("--rate", type=float, default=25.0)
     s.add_argument("--total", type=int, default=1_000_000)
     s.add_argument("--state-dir", default="/var/lib/fp-loadgen")
-    s.add_argument("--bridge-state-topic", required=True)
+    s.add_argument("--bridge-state-topic", default="")
+    s.add_argument("--direct", action="store_true", help="no outbox: a plain MQTT publisher")
     s = sub.add_parser("audit")
     s.add_argument("--device", required=True)
     s.add_argument("--out", default="/var/lib/fp-audit.txt")
+    s.add_argument("--client-id", required=True, help="durable session, one per run")
     args = p.parse_args()
     return loadgen(args) if args.cmd == "loadgen" else audit(args)
 

@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
 """The fault scenario's driver (controller side): faults while faces flow, then the ledger.
 
-A load generator on the edge (faultkit.py loadgen) publishes contract-valid faces at a fixed
-rate through facepipe's end-to-end path (outbox, acknowledgements, republish), face-detector
-plays its clip, and one fault after another hits the pipeline. After each fault the driver
-waits (bounded) until every face accepted during it is in S3. At the end it drains and checks
-the whole ledger: every accepted face id in the bucket exactly once, nothing extra, no unit
-failed. Prints one table row per fault; exit 1 on any loss, duplicate or failed unit.
+On the edge, a load generator (faultkit.py loadgen) publishes contract-valid faces at a fixed
+rate through facepipe's end-to-end path (outbox, acknowledgements, republish), a second one
+publishes straight to the edge broker like any MQTT client (for comparison), and face-detector
+plays its clip. One fault after another hits the pipeline; after each the driver waits (bounded)
+until every outbox face accepted during it is in S3. At the end it drains and checks the whole
+ledger: every outbox face in the bucket exactly once, nothing extra, no unit failed; the direct
+publisher must lose nothing to the clean faults (cuts, writer kills, S3 away, clean restarts).
+Prints one table row per fault; exit 1 on any such loss, a duplicate or a failed unit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -33,18 +36,35 @@ def face_id(run: str, n: int) -> str:
 
 
 @dataclass
-class Row:
-    fault: str
-    first: int
-    last: int = 0
-    seconds: float = 0.0
-    recover_s: float | None = None
-    stored: int = 0
-    extra: dict = field(default_factory=dict)
+class Generator:
+    name: str  # "loadgen" (through the outbox) or "direct"
+    run: str
+    rate: float
 
     @property
-    def accepted(self) -> int:
-        return self.last - self.first
+    def state(self) -> str:
+        return f"/var/lib/fp-{self.name}/state.json"
+
+    def ids(self, first: int, last: int) -> set[str]:
+        return {face_id(self.run, n) for n in range(first, last)}
+
+
+@dataclass
+class Row:
+    fault: str
+    clean: bool  # a fault no publisher may lose a face to
+    first: dict[str, int]
+    last: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    recover_s: float | None = None
+    stored: dict[str, int] = field(default_factory=dict)
+    dup: int = 0
+
+    def accepted(self, name: str) -> int:
+        return self.last[name] - self.first[name]
+
+    def lost(self, name: str) -> int:
+        return self.accepted(name) - self.stored[name]
 
 
 class Lab:
@@ -57,7 +77,8 @@ class Lab:
             aws_access_key_id="test",
             aws_secret_access_key="test",
         )
-        self.run_id = uuid.uuid4().hex[:8]
+        run = uuid.uuid4().hex[:8]
+        self.gens = [Generator("loadgen", run, args.rate), Generator("direct", run + "d", args.direct_rate)]
 
     # --- hosts -----------------------------------------------------------------------
     def lab(self, *argv: str, check: bool = True) -> str:
@@ -71,7 +92,8 @@ class Lab:
         return self.lab("exec", "--host", host, "--", command, check=check)
 
     def kill(self, host: str, unit: str) -> None:
-        self.sh(host, f"systemctl kill -s KILL {unit}")
+        """SIGKILL the unit's main process, as the OOM killer or a crash would."""
+        self.sh(host, f"kill -KILL $(systemctl show -p MainPID --value {unit})")
 
     def wait_active(self, host: str, unit: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -83,18 +105,36 @@ class Lab:
 
     # --- the load generator and the audit ------------------------------------------------
     def start_kit(self) -> None:
-        edge, a = self.args.edge, self.args
+        edge = self.args.edge
+        for g in self.gens:
+            extra = "--direct" if g.name == "direct" else f"--bridge-state-topic bridges/{edge}/state"
+            self.sh(
+                edge,
+                f"systemd-run --unit=fp-{g.name} --property=Restart=always {PYTHON} {KIT} loadgen "
+                f"--device {edge} --run {g.run} --rate {g.rate} --state-dir /var/lib/fp-{g.name} {extra}",
+            )
         self.sh(
             edge,
-            f"systemd-run --unit=fp-loadgen --property=Restart=always {PYTHON} {KIT} loadgen "
-            f"--device {edge} --run {self.run_id} --rate {a.rate} --total {a.total} "
-            f"--bridge-state-topic bridges/{edge}/state",
+            f"systemd-run --unit=fp-audit --property=Restart=always {PYTHON} {KIT} audit --device {edge} "
+            f"--client-id fp-audit-{self.gens[0].run}",
         )
-        self.sh(edge, f"systemd-run --unit=fp-audit --property=Restart=always {PYTHON} {KIT} audit --device {edge}")
 
-    def accepted(self) -> int:
-        text = self.sh(self.args.edge, "cat /var/lib/fp-loadgen/state.json", check=False)
-        return json.loads(text)["next"] if text.strip() else 0
+    def accepted(self) -> dict[str, int]:
+        counts = {}
+        for g in self.gens:
+            text = self.sh(self.args.edge, f"cat {g.state}", check=False)
+            counts[g.name] = json.loads(text)["next"] if text.strip() else 0
+        return counts
+
+    def republished(self) -> int:
+        """Republished faces over every run of the load generator (counters restart at 0)."""
+        text = self.sh(self.args.edge, "journalctl -u fp-loadgen -o cat --no-pager", check=False)
+        total = last = 0
+        for value in (int(v) for v in re.findall(r"\brepublished=(\d+)", text)):
+            if value < last:
+                total += last
+            last = value
+        return total + last
 
     # --- the bucket ----------------------------------------------------------------------
     def stored(self) -> Counter[str]:
@@ -107,6 +147,18 @@ class Lab:
                 ids[obj["Key"].rsplit("_", 1)[1].removesuffix(".jpg")] += 1
         return ids
 
+    def empty_bucket(self) -> None:
+        """Delete this edge's faces left by an earlier run: the ledger starts empty."""
+        pages = self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.args.bucket, Prefix=f"faces/{self.args.edge}/"
+        )
+        keys = [{"Key": obj["Key"]} for page in pages for obj in page.get("Contents", [])]
+        for start in range(0, len(keys), 1000):  # listed first: deleting shifts the pages
+            self.s3.delete_objects(Bucket=self.args.bucket, Delete={"Objects": keys[start : start + 1000]})
+
+    def outbox_files(self, path: str) -> int:
+        return int(self.sh(self.args.edge, f"find {path} -name '*.face' | wc -l", check=False).strip() or -1)
+
     def wait_stored(self, ids: set[str], timeout: float) -> float | None:
         start = time.monotonic()
         while time.monotonic() - start < timeout:
@@ -116,19 +168,22 @@ class Lab:
         return None
 
 
-def run_fault(lab: Lab, rows: list[Row], name: str, action: Callable[[], None]) -> None:
-    row = Row(name, first=lab.accepted())
+def run_fault(lab: Lab, rows: list[Row], name: str, action: Callable[[], None], clean: bool) -> None:
+    row = Row(name, clean, first=lab.accepted())
     started = time.monotonic()
     print(f"--- {name}", flush=True)
     action()
     row.seconds = time.monotonic() - started
     row.last = lab.accepted()
-    ids = {face_id(lab.run_id, n) for n in range(row.first, row.last)}
-    row.recover_s = lab.wait_stored(ids, lab.args.recover_timeout)
+    outbox_ids = lab.gens[0].ids(row.first["loadgen"], row.last["loadgen"])
+    row.recover_s = lab.wait_stored(outbox_ids, lab.args.recover_timeout)
+    time.sleep(3)  # the direct publisher's faces too, if they are coming at all
     stored = lab.stored()
-    row.stored = len(ids & set(stored))
-    row.extra["dup"] = sum(1 for f in ids if stored[f] > 1)
-    print(f"    accepted {row.accepted}, stored {row.stored}, recovered in {row.recover_s}", flush=True)
+    for g in lab.gens:
+        ids = g.ids(row.first[g.name], row.last[g.name])
+        row.stored[g.name] = len(ids & set(stored))
+        row.dup += sum(1 for f in ids if stored[f] > 1)
+    print(f"    {row.first} -> {row.last}, stored {row.stored}, recovered in {row.recover_s}", flush=True)
     rows.append(row)
 
 
@@ -141,7 +196,8 @@ def main() -> int:
     p.add_argument("--endpoint", required=True)
     p.add_argument("--bucket", required=True)
     p.add_argument("--s3-port", required=True)
-    p.add_argument("--rate", type=float, default=25)
+    p.add_argument("--rate", type=float, default=25, help="outbox faces per second")
+    p.add_argument("--direct-rate", type=float, default=5, help="direct faces per second")
     p.add_argument("--total", type=int, default=10_000)
     p.add_argument("--recover-timeout", type=float, default=180)
     p.add_argument("--drain-timeout", type=float, default=300)
@@ -149,6 +205,10 @@ def main() -> int:
     lab = Lab(args)
     edge, cloud, port = args.edge, args.cloud, args.s3_port
     t_start = time.monotonic()
+    # A fresh ledger (a re-run of verify on the same hosts starts over).
+    lab.sh(edge, "systemctl stop fp-loadgen fp-direct fp-audit; systemctl reset-failed", check=False)
+    lab.sh(edge, "rm -rf /var/lib/fp-loadgen /var/lib/fp-direct /var/lib/fp-audit.txt")
+    lab.empty_bucket()
     lab.start_kit()
     time.sleep(10)
     rows: list[Row] = []
@@ -181,10 +241,12 @@ def main() -> int:
         lab.lab("heal", "--host", edge)
 
     def power_cut() -> None:
-        time.sleep(5)
+        lab.lab("cut", "--host", edge)
+        time.sleep(10)  # faces pile up in the edge broker's memory and in the outbox
         lab.lab("poweroff", "--host", edge)
         time.sleep(5)
         lab.lab("poweron", "--host", edge)
+        lab.lab("heal", "--host", edge)
         lab.wait_active(edge, "face-detector")
         lab.start_kit()  # transient units do not survive a boot; their state files do
 
@@ -200,74 +262,102 @@ def main() -> int:
         lab.lab("unblock", "--host", cloud, "--port", port)
 
     def clean_restarts() -> None:
-        for host, unit in ((edge, "mosquitto"), (edge, "face-detector"), (edge, "fp-loadgen")):
-            lab.sh(host, f"systemctl restart {unit}")
-        for unit in ("mosquitto", "face-writer"):
-            lab.sh(cloud, f"systemctl restart {unit}")
+        # The edge broker during an outage, then the cloud broker, then every other service,
+        # each given time to come back (restarting everything at once is another fault: see
+        # the README).
+        lab.lab("cut", "--host", edge)
+        time.sleep(5)
+        lab.sh(edge, "systemctl restart mosquitto")
+        time.sleep(3)
+        lab.lab("heal", "--host", edge)
+        time.sleep(10)
+        lab.sh(cloud, "systemctl restart mosquitto")
+        time.sleep(10)
+        lab.sh(cloud, "systemctl restart face-writer")
+        lab.wait_active(cloud, "face-writer")
+        for unit in ("face-detector", "fp-loadgen", "fp-direct"):
+            lab.sh(edge, f"systemctl restart {unit}")
         time.sleep(5)
 
     for i in range(3):
-        run_fault(lab, rows, f"link cut 10 s (#{i + 1})", cut(10))
-    run_fault(lab, rows, "cloud broker SIGKILL while S3 is unreachable", cloud_broker_kill_s3_away)
-    run_fault(lab, rows, "edge broker SIGKILL during an outage", edge_broker_kill_in_outage)
-    run_fault(lab, rows, "edge host powered off hard", power_cut)
-    run_fault(lab, rows, "writer SIGKILL x3", writer_kills)
-    run_fault(lab, rows, "S3 unreachable for 30 s", s3_away)
-    run_fault(lab, rows, "clean restart of every service", clean_restarts)
-    while lab.accepted() < args.total:  # no fault: the stream runs on to its total
-        left = (args.total - lab.accepted()) / args.rate + 1
-        run_fault(lab, rows, "no fault (the stream runs on to its total)", pause(min(60.0, left)))
+        run_fault(lab, rows, f"link cut 10 s (#{i + 1})", cut(10), clean=True)
+    run_fault(lab, rows, "cloud broker SIGKILL while S3 is unreachable", cloud_broker_kill_s3_away, False)
+    run_fault(lab, rows, "edge broker SIGKILL during an outage", edge_broker_kill_in_outage, False)
+    run_fault(lab, rows, "edge host powered off hard during an outage", power_cut, False)
+    run_fault(lab, rows, "writer SIGKILL x3", writer_kills, clean=True)
+    run_fault(lab, rows, "S3 unreachable for 30 s", s3_away, clean=True)
+    run_fault(lab, rows, "clean restarts: edge broker in an outage, cloud broker, services", clean_restarts, True)
+    while (done := lab.accepted()["loadgen"]) < args.total:  # the stream runs on to its total
+        left = (args.total - done) / args.rate + 1
+        run_fault(lab, rows, "no fault (the stream runs on to its total)", pause(min(60.0, left)), True)
+    lab.sh(edge, "systemctl stop fp-direct", check=False)
 
-    # Drain: every accepted face in S3, the outboxes empty.
-    total = lab.accepted()
-    every = {face_id(lab.run_id, n) for n in range(total)}
+    # Drain: every outbox face in S3 and acknowledged (the generator's outbox empty), then stop.
+    totals = lab.accepted()
+    outbox_gen, direct_gen = lab.gens
+    every = outbox_gen.ids(0, totals["loadgen"])
+    direct = direct_gen.ids(0, totals["direct"])
     drained = lab.wait_stored(every, args.drain_timeout)
+    deadline = time.monotonic() + 120
+    while lab.outbox_files("/var/lib/fp-loadgen/outbox") and time.monotonic() < deadline:
+        time.sleep(2)
+    lab.sh(edge, "systemctl stop fp-loadgen", check=False)
     stored = lab.stored()
-    loadgen_ids = {face_id(lab.run_id, n) for n in range(total)}
     audit = set(lab.sh(edge, "cat /var/lib/fp-audit.txt", check=False).split())
-    lab.sh(edge, "systemctl stop fp-loadgen fp-audit", check=False)
+    republished = lab.republished()
+    lab.sh(edge, "systemctl stop fp-audit", check=False)
     failed = {h: lab.sh(h, "systemctl --failed --no-legend --plain", check=False).strip() for h in (edge, cloud)}
-    outboxes = "/var/lib/face-detector/outbox /var/lib/fp-loadgen/outbox"
-    outbox = lab.sh(edge, f"find {outboxes} -name '*.face' | wc -l", check=False).strip()
+    left_loadgen = lab.outbox_files("/var/lib/fp-loadgen/outbox")
+    left_detector = lab.outbox_files("/var/lib/face-detector/outbox")  # it keeps detecting
 
     lost = every - set(stored)
     duplicated = [f for f, c in stored.items() if c > 1]
-    # Load generator faces carry version 5 ids, the detector's version 4: any v5 id that was
-    # never accepted is an object nobody asked for.
-    extra = [f for f in stored if uuid.UUID(f).version == 5 and f not in loadgen_ids]
-    detector_stored = audit & set(stored)
-    head = f"{'fault':<46} {'accepted':>8} {'stored':>7} {'lost':>5} {'dup':>4} {'fault s':>7} {'recover s':>9}"
+    # Generator faces carry version 5 ids (the detector's are version 4): a v5 id that was never
+    # accepted is an object nobody asked for.
+    extra = [f for f in stored if uuid.UUID(f).version == 5 and f not in every | direct]
+    head = (
+        f"{'fault':<46} {'outbox: accepted':>16} {'stored':>7} {'lost':>5} "
+        f"{'direct: accepted':>16} {'lost':>5} {'dup':>4} {'fault s':>7} {'recover s':>9}"
+    )
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         rec = f"{r.recover_s:.0f}" if r.recover_s is not None else "never"
-        dup = r.extra["dup"]
         print(
-            f"{r.fault:<46} {r.accepted:>8} {r.stored:>7} {r.accepted - r.stored:>5} {dup:>4} "
-            f"{r.seconds:>7.0f} {rec:>9}"
+            f"{r.fault:<46} {r.accepted('loadgen'):>16} {r.stored['loadgen']:>7} {r.lost('loadgen'):>5} "
+            f"{r.accepted('direct'):>16} {r.lost('direct'):>5} {r.dup:>4} {r.seconds:>7.0f} {rec:>9}"
         )
     print("-" * len(head))
-    whole = "load generator, whole run (outbox API)"
-    print(f"{whole:<46} {total:>8} {len(every & set(stored)):>7} {len(lost):>5} {len(duplicated):>4}")
-    seen = "face-detector, seen at its broker"
-    print(f"{seen:<46} {len(audit):>8} {len(detector_stored):>7} {len(audit - set(stored)):>5}")
+    lost_direct = len(direct - set(stored))
     print(
-        f"\ntotal {total + len(audit)} faces in {time.monotonic() - t_start:.0f}s; drained in "
-        f"{drained if drained is None else round(drained)}s; extra objects {len(extra)}; "
-        f"faces left in outboxes {outbox}; failed units {failed}"
+        f"{'whole run':<46} {len(every):>16} {len(every & set(stored)):>7} {len(lost):>5} "
+        f"{len(direct):>16} {lost_direct:>5} {len(duplicated):>4}"
+    )
+    seen = "face-detector (outbox), seen at its broker"
+    print(f"{seen:<46} {len(audit):>16} {len(audit & set(stored)):>7} {len(audit - set(stored)):>5}")
+    print(
+        f"\n{len(every) + len(direct) + len(audit)} faces in {time.monotonic() - t_start:.0f}s; outbox faces "
+        f"republished {republished}; drained in {drained if drained is None else round(drained)}s; "
+        f"extra objects {len(extra)}; left in the outboxes: load generator {left_loadgen}, "
+        f"face-detector {left_detector} (in flight); failed units {failed}"
     )
     problems = []
-    if total < args.total:
-        problems.append(f"only {total} faces accepted (< {args.total})")
+    if len(every) < args.total:
+        problems.append(f"only {len(every)} outbox faces accepted (< {args.total})")
     if lost:
-        problems.append(f"{len(lost)} accepted faces never stored, e.g. {sorted(lost)[:3]}")
+        problems.append(f"{len(lost)} accepted outbox faces never stored, e.g. {sorted(lost)[:3]}")
     if audit - set(stored):
         problems.append(f"{len(audit - set(stored))} detector faces never stored")
+    clean_lost = sum(r.lost("direct") for r in rows if r.clean)
+    if clean_lost:
+        problems.append(f"the direct publisher lost {clean_lost} faces to clean faults")
     if duplicated or extra:
         problems.append(f"{len(duplicated)} duplicated, {len(extra)} extra")
     if any(failed.values()):
         problems.append(f"failed units: {failed}")
-    if outbox != "0":
-        problems.append(f"{outbox} faces still in an outbox")
+    if left_loadgen != 0:
+        problems.append(f"{left_loadgen} faces never acknowledged to the load generator's outbox")
+    if left_detector > 10:
+        problems.append(f"{left_detector} faces wait in face-detector's outbox")
     for p_ in problems:
         print("FAIL:", p_)
     return 1 if problems else 0

@@ -471,9 +471,14 @@ def status_topic(prefix: str, device_id: str) -> str:
     return f"{prefix}/{device_id}/status"
 
 
+ACK_SUFFIX: Final = "-ack"
+
+
 def ack_topic(prefix: str, device_id: str) -> str:
-    """Where the writer acknowledges a device's stored faces (carried back by its bridge)."""
-    return f"{prefix}/{device_id}/ack"
+    """``<prefix>-ack/<device_id>``: where the writer acknowledges a device's faces (carried
+    back by its bridge). A tree of its own, outside ``<prefix>/<device>/#``, which each edge may
+    write: only the writer may write here, so an edge cannot forge acknowledgements."""
+    return f"{prefix}{ACK_SUFFIX}/{device_id}"
 
 
 def encode_ack(face_ids: Sequence[str]) -> bytes:
@@ -568,14 +573,15 @@ def s3_metadata(meta: FaceMeta) -> dict[str, str]:
     return fields
 
 
-def rejected_metadata(reason: str, topic: str, detail: str, size: int) -> dict[str, str]:
-    """S3 user metadata for a set-aside message: why, the topic it came on, its real size."""
+def rejected_metadata(reason: str, topic: str, detail: str, size: int, kept: int) -> dict[str, str]:
+    """S3 user metadata for a set-aside message: why, the topic it came on, its real size and
+    whether the copy holds less than that (``kept`` bytes)."""
     return {
         "reason": reason,
         "topic": printable(topic, 256),
         "detail": printable(detail, 256),
         "size": str(size),
-        "truncated": "true" if size > SET_ASIDE_MAX_BYTES else "false",
+        "truncated": "true" if kept < size else "false",
     }
 
 

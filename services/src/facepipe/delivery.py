@@ -3,18 +3,21 @@
 :class:`BrokerPublisher` publishes to the local broker and tracks the broker's PUBACKs.
 :class:`Delivery` adds the end-to-end guarantee on top: every face goes into an
 :class:`~facepipe.outbox.Outbox` (fsync'd) *before* it is published, and leaves it only when
-the writer acknowledges it on ``<prefix>/<device>/ack`` after storing it. Faces that were not
+the writer acknowledges it on ``<prefix>-ack/<device>`` after storing it. Faces that were not
 acknowledged are published again:
 
 - only while the edge's bridge is connected (its retained ``1``/``0`` state topic) and this
   client is connected to its broker;
-- when a face published *later* was acknowledged more than ``reorder_grace`` seconds of
-  publishing ago (brokers and the bridge keep order, so an older face that is still waiting was
-  lost: a broker crash, a power cut), or when ``ack_timeout`` seconds passed since it was last
-  published or since the bridge came up, whichever is later (nothing at all is acknowledged);
-- paced: at most ``window`` republished faces wait for their acknowledgement at a time, and at
-  most ``rate`` are republished per second, so a backlog never floods the link or the broker's
-  queue;
+- when it was lost: a face published only once and at least ``reorder_grace`` (default
+  ``ack_timeout``) seconds *later* was acknowledged (queues keep order, so the older one is gone:
+  a broker crash, a power cut). Only faces published once move this horizon: an ack cannot say
+  which copy of a republished face it answers;
+- or when the pipe is stalled: no acknowledgement at all for ``ack_timeout`` seconds of bridge
+  uptime while faces wait. A backlog that drains in order is never republished, however long it
+  takes;
+- paced: a face republished ``k`` times waits ``ack_timeout * 2**k`` (at most an hour) before
+  the next stall-driven attempt; at most ``window`` republished faces wait for their
+  acknowledgement at a time and at most ``rate`` go out per second;
 - after a restart every face left in the outbox counts as published at start-up.
 
 A republished face is the same message, so the writer overwrites its own object: no duplicates.
@@ -60,6 +63,7 @@ DELIVERY_COUNTERS: Final = (
 )
 DELIVERY_GAUGES: Final = ("outbox_depth", "outbox_bytes", "outbox_oldest_s", "bridge_up")
 BRIDGE_UP: Final = b"1"
+MAX_BACKOFF: Final = 3600.0  # a face stalls at most this long between two republishes
 
 
 class BrokerPublisher:
@@ -203,7 +207,7 @@ class Delivery:
         bridge_state_topic: str | None,
         counters: Counters,
         ack_timeout: float = 60.0,
-        reorder_grace: float = 20.0,
+        reorder_grace: float | None = None,
         window: int = 100,
         rate: float = 20.0,
         resend_leftovers: bool = False,
@@ -215,7 +219,7 @@ class Delivery:
         self.bridge_state_topic = bridge_state_topic or None
         self.counters = counters
         self.ack_timeout = ack_timeout
-        self.reorder_grace = reorder_grace
+        self.reorder_grace = ack_timeout if reorder_grace is None else reorder_grace
         self.window = window
         self.rate = rate
         self._clock = clock
@@ -224,7 +228,8 @@ class Delivery:
         # Without a state topic the bridge is taken as always up (a publisher with no bridge).
         self._bridge_up = self.bridge_state_topic is None
         self._bridge_since = started
-        self._latest_acked = float("-inf")  # latest publish time of an acknowledged face
+        self._latest_acked = float("-inf")  # latest publish time of a face acked after 1 publish
+        self._last_ack = started  # when an acknowledgement last arrived
         self._tokens = float(rate)
         self._last_tick = float("-inf")
         self._outbox_failing = False
@@ -316,18 +321,20 @@ class Delivery:
             entry = self.outbox.ack(face_id)
             if entry is not None:
                 acked += 1
-                latest = max(latest, entry.published_at)
+                if entry.publishes == 1:  # unambiguous: the ack answers that one publish
+                    latest = max(latest, entry.published_at)
         if acked:
             self.counters.inc("e2e_acked", acked)
             with self._lock:
                 self._latest_acked = max(self._latest_acked, latest)
+                self._last_ack = self._clock()
 
     # --- the main loop -------------------------------------------------------------------
 
-    def tick(self) -> None:
+    def tick(self, force: bool = False) -> None:
         """Expire, republish what is due, update the gauges; at most once a second."""
         now = self._clock()
-        if now - self._last_tick < 1.0:
+        if now - self._last_tick < 1.0 and not force:
             return
         elapsed = min(now - self._last_tick, 10.0)
         self._last_tick = now
@@ -349,6 +356,10 @@ class Delivery:
         self.counters.set_gauge("outbox_oldest_s", round(self.outbox.oldest_age(), 1))
         self.counters.set_gauge("bridge_up", 1.0 if self.bridge_up else 0.0)
 
+    def _backoff(self, entry: Entry) -> float:
+        """How long a face waits for its acknowledgement before a stall sends it again."""
+        return min(MAX_BACKOFF, self.ack_timeout * 2 ** max(0, entry.publishes - 1))
+
     def due(self, now: float) -> list[Entry]:
         """The faces that should be published again now, oldest first (before pacing)."""
         with self._lock:
@@ -356,12 +367,13 @@ class Delivery:
                 return []
             since = self._bridge_since
             horizon = self._latest_acked - self.reorder_grace
+            stalled = now - max(self._last_ack, since) >= self.ack_timeout
         return [
             entry
             for entry in self.outbox.entries()
             if entry.publishes == 0  # never published (a leftover, or the client's queue was full)
             or entry.published_at < horizon
-            or now - max(entry.published_at, since) >= self.ack_timeout
+            or (stalled and now - max(entry.published_at, since) >= self._backoff(entry))
         ]
 
     def _republish(self, now: float) -> int:
@@ -370,7 +382,7 @@ class Delivery:
         waiting = sum(
             1
             for entry in self.outbox.entries()
-            if entry.publishes > 1 and now - entry.published_at < self.ack_timeout
+            if entry.publishes > 1 and now - entry.published_at < self._backoff(entry)
         )
         budget = min(self.window - waiting, int(self._tokens))
         sent = 0
@@ -449,9 +461,9 @@ class Publishing:
             return self.delivery.submit(face_id, payload)
         return self.publisher.publish(payload)
 
-    def tick(self) -> None:
+    def tick(self, force: bool = False) -> None:
         if self.delivery is not None:
-            self.delivery.tick()
+            self.delivery.tick(force)
 
     def unfinished(self) -> int:
         """Faces accepted but not yet acknowledged by the cloud (0 without an outbox)."""
@@ -476,11 +488,13 @@ def start_publishing(
     max_queued: int = 0,
     max_pending: int = 1000,
     resend_leftovers: bool = False,
+    durable: bool | None = None,
 ) -> Publishing:
     """Open the outbox (if ``--outbox-dir``), build the session and the publishers.
 
-    The session is not started; with an outbox it is durable (acknowledgements wait for us
-    while we restart) and subscribed to the ack and bridge-state topics.
+    The session is not started; with an outbox it is subscribed to the ack and bridge-state
+    topics and, unless ``durable`` says otherwise, durable (acknowledgements wait for us while
+    we restart).
     """
     outbox = None
     if opts.outbox_dir:
@@ -503,7 +517,7 @@ def start_publishing(
     subscriptions = [(ack, 1)] + ([(opts.bridge_state_topic, 1)] if opts.bridge_state_topic else [])
     session = MqttSession(
         settings,
-        durable=outbox is not None,
+        durable=outbox is not None if durable is None else durable,
         will=will,
         subscriptions=subscriptions if outbox is not None else [],
         on_message=on_message,

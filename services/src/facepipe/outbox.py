@@ -45,8 +45,9 @@ class OutboxError(Exception):
 
 @dataclass
 class Entry:
-    """One accepted face. Times: ``accepted_at`` wall clock (seconds since the epoch),
-    ``published_at`` monotonic (0.0: not published by this process yet)."""
+    """One accepted face. ``seq`` orders the outbox (it only grows); ``accepted_at`` is the wall
+    clock when it was written (for expiry; from the file's mtime after a restart);
+    ``published_at`` is monotonic (0.0: not published by this process yet)."""
 
     face_id: str
     seq: int
@@ -79,6 +80,7 @@ class Outbox:
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # by seq: oldest first
         self._bytes = 0
         self._seq = 0
+        self._writing: set[str] = set()  # face ids being written by put()
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock_file = open(self.path / ".lock", "a")  # noqa: SIM115 - held while open
@@ -105,10 +107,11 @@ class Outbox:
                 continue  # .lock, or something that is not ours: left alone
             seq = int(match.group(1))
             try:
-                size = child.stat().st_size
+                stat = child.stat()
             except FileNotFoundError:
                 continue
-            found.append(Entry(match.group(2), seq, size, accepted_at=seq / 1e9))
+            accepted = min(stat.st_mtime, time.time())  # a clock that ran ahead is clamped
+            found.append(Entry(match.group(2), seq, stat.st_size, accepted_at=accepted))
         for entry in sorted(found, key=lambda e: e.seq):
             self._entries[entry.face_id] = entry
             self._bytes += entry.size
@@ -131,28 +134,42 @@ class Outbox:
     def put(self, face_id: str, payload: bytes) -> list[Entry]:
         """Accept a face durably; return the oldest faces dropped to make room for it.
 
-        Putting a face id that is already waiting changes nothing (a caller that crashed
-        between its put and its own bookkeeping may put the same face again).
+        The face is written before anything is dropped, so a failing write (a full disk)
+        raises OSError and loses nothing that was accepted. Putting a face id that is already
+        waiting with the same message changes nothing (a caller that crashed between its put
+        and its own bookkeeping may put the same face again); with another message it is a
+        ValueError.
         """
         if not is_valid_face_id(face_id):
             raise ValueError(f"not a face id: {face_id!r}")
         if len(payload) > self.max_bytes:
             raise ValueError(f"a face of {len(payload)} bytes never fits in {self.max_bytes}")
         with self._lock:
-            if face_id in self._entries:
-                return []
-            dropped: list[Entry] = []
-            while self._entries and (
-                len(self._entries) + 1 > self.max_faces
-                or self._bytes + len(payload) > self.max_bytes
-            ):
-                dropped.append(self._remove_oldest())
-            self._seq = max(self._seq + 1, time.time_ns())
-            entry = Entry(face_id, self._seq, len(payload), accepted_at=self._seq / 1e9)
-        self._write(entry.name, payload)
+            existing = self._entries.get(face_id)
+            busy = face_id in self._writing
+            if existing is None and not busy:
+                self._writing.add(face_id)
+                self._seq = max(self._seq + 1, time.time_ns())
+                entry = Entry(face_id, self._seq, len(payload), accepted_at=time.time())
+        if busy:
+            raise ValueError(f"face {face_id} is being put by another thread")
+        if existing is not None:
+            if self.read(existing) not in (payload, None):
+                raise ValueError(f"face {face_id} already waits with another message")
+            return []
+        try:
+            self._write(entry.name, payload)
+        finally:
+            with self._lock:
+                self._writing.discard(face_id)
         with self._lock:
             self._entries[face_id] = entry
             self._bytes += entry.size
+            dropped: list[Entry] = []
+            while len(self._entries) > 1 and (
+                len(self._entries) > self.max_faces or self._bytes > self.max_bytes
+            ):
+                dropped.append(self._remove_oldest())
         return dropped
 
     def ack(self, face_id: str) -> Entry | None:
@@ -170,10 +187,13 @@ class Outbox:
         if self.max_age is None:
             return []
         limit = (time.time() if now is None else now) - self.max_age
-        expired: list[Entry] = []
-        with self._lock:
-            while self._entries and next(iter(self._entries.values())).accepted_at < limit:
-                expired.append(self._remove_oldest())
+        with self._lock:  # a full scan: wall-clock times need not follow the outbox's order
+            expired = [e for e in self._entries.values() if e.accepted_at < limit]
+            for entry in expired:
+                del self._entries[entry.face_id]
+                self._bytes -= entry.size
+        for entry in expired:
+            (self.path / entry.name).unlink(missing_ok=True)
         return expired
 
     def read(self, entry: Entry) -> bytes | None:
@@ -212,7 +232,7 @@ class Outbox:
         with self._lock:
             if not self._entries:
                 return 0.0
-            oldest = next(iter(self._entries.values())).accepted_at
+            oldest = min(e.accepted_at for e in self._entries.values())
         return max(0.0, (time.time() if now is None else now) - oldest)
 
     # --- files -------------------------------------------------------------------------
@@ -228,13 +248,17 @@ class Outbox:
         tmp = self.path / f"{_TMP_PREFIX}{name}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path / name)
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.path / name)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)

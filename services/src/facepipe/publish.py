@@ -3,21 +3,26 @@
     facepipe-publish --outbox-dir DIR [--device-id ID] [--wait 60] FILE...
 
 Each FILE is a face message (a JPEG carrying the contract's metadata, its device id this one's)
-or a plain JPEG, which gets metadata here: a new face id, ``captured_at`` = the file's
-modification time, ``bbox`` = the whole image, ``detector`` = ``--detector``. Every face is
+or a plain JPEG, which gets metadata here: a face id derived from the device and the image's
+content (publishing the same file again is the same face, never a second object),
+``captured_at`` = the file's modification time, ``bbox`` = the whole image, ``detector`` =
+``--detector``. Every face is
 accepted into the outbox (fsync'd) before anything is published; then everything in the outbox
 (what an earlier run left included) goes to the local broker, and the command waits up to
 ``--wait`` seconds for the cloud's acknowledgements.
 
 Exit status: 0 every face acknowledged; 3 some still wait in the outbox (a later run publishes
-them again); 2 a bad option or file (nothing accepted).
+them again); 2 a bad option or file, or more faces than the outbox holds (nothing accepted);
+1 the outbox could not be written (what was written before stays accepted).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import struct
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -42,7 +47,9 @@ from facepipe.mqtt import MqttSettings
 from facepipe.stats import Counters, format_counters
 
 PROG: Final = "facepipe-publish"
+EXIT_FAILED: Final = 1
 EXIT_WAITING: Final = 3
+FACE_ID_NAMESPACE: Final = uuid.UUID("2b8f1d35-6c1e-4f43-9d2e-6a4c8a0f7e51")
 log = logging.getLogger(__name__)
 
 OPTIONS: Final = (
@@ -83,12 +90,17 @@ def load_face(path: Path, device: str, detector: str, max_bytes: int) -> tuple[s
         try:
             width, height = _jpeg_size(data)
             captured = datetime.fromtimestamp(path.stat().st_mtime, UTC)
-            meta = contract.FaceMeta.new(
-                device_id=device,
-                captured_at=captured,
-                frame=0,
-                bbox=(0, 0, width, height),
-                detector=detector,
+            digest = hashlib.sha256(data).hexdigest()
+            meta = contract.validate_metadata(
+                {
+                    "v": contract.SCHEMA_VERSION,
+                    "face_id": str(uuid.uuid5(FACE_ID_NAMESPACE, f"{device}/{digest}")),
+                    "device_id": device,
+                    "captured_at": contract.format_time(captured),
+                    "frame": 0,
+                    "bbox": [0, 0, width, height],
+                    "detector": detector,
+                }
             )
             data = contract.encode_face(data, meta)
         except (ValueError, contract.ContractError) as err:
@@ -108,19 +120,39 @@ def run(argv: list[str] | None = None) -> int:
         raise ConfigError("--outbox-dir / FACEPIPE_OUTBOX_DIR is required")
     device = resolve_device_id(opts.device_id)
     faces = [load_face(Path(f), device, opts.detector, opts.max_bytes) for f in opts.files]
+    if len({face_id for face_id, _ in faces}) != len(faces):
+        raise ConfigError("two files hold the same face (the same face id)")
     settings = MqttSettings.from_options(opts, default_client_id=f"{PROG}-{device}")
     setup_logging(opts.log_level)
     counters = Counters(
         ["published", "publish_dropped", "acked", *DELIVERY_COUNTERS], DELIVERY_GAUGES
     )
+    # Not durable: acknowledgements would pile up for us in the broker between runs; a run
+    # sends again whatever still waits instead.
     publishing = start_publishing(
-        opts, settings, device=device, counters=counters, resend_leftovers=True
+        opts, settings, device=device, counters=counters, resend_leftovers=True, durable=False
     )
     delivery = publishing.delivery
     assert delivery is not None
-    for face_id, payload in faces:
-        delivery.outbox.put(face_id, payload)  # accepted before anything goes out
-        counters.inc("accepted")
+    outbox = delivery.outbox
+    new = [(f, p) for f, p in faces if f not in outbox]
+    if (
+        outbox.depth + len(new) > outbox.max_faces
+        or outbox.size + sum(len(p) for _, p in new) > outbox.max_bytes
+    ):
+        publishing.close()
+        raise ConfigError(
+            f"--outbox-dir {opts.outbox_dir}: {len(new)} more faces do not fit "
+            f"({outbox.depth} wait; at most {outbox.max_faces} faces, {outbox.max_bytes} bytes)"
+        )
+    try:
+        for face_id, payload in new:
+            outbox.put(face_id, payload)  # accepted before anything goes out
+            counters.inc("accepted")
+    except (OSError, ValueError) as exc:
+        publishing.close()
+        log.error("cannot write the outbox %s: %s", opts.outbox_dir, exc)
+        return EXIT_FAILED
     publishing.session.start()
     deadline = time.monotonic() + opts.wait
     try:
@@ -129,7 +161,7 @@ def run(argv: list[str] | None = None) -> int:
             time.sleep(0.05)
     finally:
         publishing.session.stop()
-        publishing.tick()
+        publishing.tick(force=True)
         left = delivery.outbox.depth
         publishing.close()
     log.info("done: %s", format_counters({**counters.snapshot(), **counters.gauges()}))

@@ -153,7 +153,7 @@ class AckSender:
     """Tells each edge which of its faces are handled for good, so its outbox can forget them.
 
     Face ids are batched per device and published from this thread every ``interval`` seconds
-    (or sooner when a batch is full) on ``<prefix>/<device>/ack`` at QoS 1. A lost
+    (or sooner when a batch is full) on ``<prefix>-ack/<device>`` at QoS 1. A lost
     acknowledgement only makes the edge publish the face again, which overwrites its own object.
     """
 
@@ -371,6 +371,7 @@ class Writer:
                 self._finished()
 
     def _process(self, job: Job, index: int) -> None:
+        meta: contract.FaceMeta | None = None
         try:
             if job.size > self.max_bytes:
                 raise contract.ContractError(
@@ -380,7 +381,7 @@ class Writer:
             contract.check_topic(self.topic_prefix, job.topic, meta)
             self.window.check(meta.captured_at, datetime.now(UTC))
         except contract.ContractError as exc:
-            self._set_aside(job, exc.reason, exc.detail, index)
+            self._set_aside(job, exc.reason, exc.detail, index, meta)
             return
         key = contract.face_key(self.s3_prefix, meta)
         metadata = contract.s3_metadata(meta)
@@ -443,9 +444,9 @@ class Writer:
         )
         device = meta.device_id
         if self._may_keep(device, reason, count=False):
-            key, _, metadata = self._copy(job, device, reason, failure.describe())
+            key, body, metadata = self._copy(job, device, reason, failure.describe(), whole=True)
             try:
-                self.store.put_rejected(key, job.payload, metadata)  # whole: a valid face
+                self.store.put_rejected(key, body, metadata)
             except S3PutError:
                 pass
             else:
@@ -476,10 +477,18 @@ class Writer:
         self._ack(job)
         return True
 
-    def _set_aside(self, job: Job, reason: str, detail: str, index: int) -> None:
-        """Keep (at most 64 KiB of) a message that breaks the contract, then acknowledge it to
-        the broker. Its publisher is not told: what it holds may be right once its clock or
-        configuration is (a device mismatch, a clock out of the window).
+    def _set_aside(
+        self,
+        job: Job,
+        reason: str,
+        detail: str,
+        index: int,
+        meta: contract.FaceMeta | None = None,
+    ) -> None:
+        """Keep a copy of a message that breaks the contract, then acknowledge it: to the
+        broker, and, when it is a readable face (``meta``: a time outside the window, another
+        device than its topic), to its edge too, whose outbox then forgets it. A readable face
+        is kept whole (it is at most max_bytes), anything else cut to 64 KiB.
 
         Over the set-aside rate the copy is skipped (counted as dropped). The copy is retried
         while S3 stores nothing (an outage); it is given up (counted) once S3 has stored other
@@ -489,9 +498,9 @@ class Writer:
         self.counters.inc("rejected")
         self.counters.inc(f"rejected_{reason}")
         if not self._may_keep(device, reason):
-            self._ack(job)
+            self._finish(job, meta)
             return
-        key, body, metadata = self._copy(job, device, reason, detail)
+        key, body, metadata = self._copy(job, device, reason, detail, whole=meta is not None)
         log.warning(
             "set aside a message on %s (%d bytes): %s: %s -> %s",
             contract.printable(job.topic),
@@ -510,7 +519,13 @@ class Writer:
         if not stored:
             log.error("could not set aside %s; acknowledged anyway", key)
             self.counters.inc("set_aside_failed")
-        self._ack(job)
+        self._finish(job, meta)
+
+    def _finish(self, job: Job, meta: contract.FaceMeta | None) -> None:
+        if meta is not None:
+            self._done(job, meta.face_id)
+        else:
+            self._ack(job)
 
     def _may_keep(self, device: str, reason: str, count: bool = True) -> bool:
         """The set-aside rate per (device, reason). With ``count``, a message over it is
@@ -537,15 +552,19 @@ class Writer:
         return False
 
     def _copy(
-        self, job: Job, device: str, reason: str, detail: str
+        self, job: Job, device: str, reason: str, detail: str, whole: bool
     ) -> tuple[str, bytes, dict[str, str]]:
+        """Key, body and metadata of a set-aside copy: a readable face ``whole`` (it is at most
+        max_bytes), anything else cut to SET_ASIDE_MAX_BYTES."""
         key = contract.rejected_key(device, job.received_at, str(uuid.uuid4()))
-        body = job.payload[: contract.SET_ASIDE_MAX_BYTES]
-        return key, body, contract.rejected_metadata(reason, job.topic, detail, job.size)
+        body = job.payload if whole else job.payload[: contract.SET_ASIDE_MAX_BYTES]
+        metadata = contract.rejected_metadata(reason, job.topic, detail, job.size, len(body))
+        return key, body, metadata
 
     def _done(self, job: Job, face_id: str) -> None:
-        """The face is in the bucket (under faces/, or whole under rejected/): acknowledge it
-        to the broker and to the edge that sent it, whose outbox then forgets it."""
+        """The writer is done with this face for good (stored, kept under rejected/, or dropped
+        over the set-aside rate): acknowledge it to the broker and to the edge that sent it,
+        whose outbox then forgets it."""
         device = contract.rejected_device(self.topic_prefix, job.topic)
         if self.acks is not None and device != contract.UNKNOWN_DEVICE:
             self.acks.add(device, face_id)
