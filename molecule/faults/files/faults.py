@@ -107,7 +107,11 @@ class Lab:
     def start_kit(self) -> None:
         edge = self.args.edge
         for g in self.gens:
-            extra = "--direct" if g.name == "direct" else f"--bridge-state-topic bridges/{edge}/state"
+            extra = (  # the outbox generator stops at the total; the direct one runs until stopped
+                "--direct"
+                if g.name == "direct"
+                else f"--bridge-state-topic bridges/{edge}/state --total {self.args.total}"
+            )
             self.sh(
                 edge,
                 f"systemd-run --unit=fp-{g.name} --property=Restart=always {PYTHON} {KIT} loadgen "
