@@ -7,9 +7,11 @@ facepipe-publish command.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -435,6 +437,13 @@ def test_facepipe_publish_keeps_faces_until_the_cloud_has_them(mosquitto, s3, tm
         stop(writer)
     full = run_publish(mosquitto, outbox, *files, "--outbox-max-faces=2")
     assert full.returncode == 2 and "do not fit" in full.stderr, full.stderr
+    old = (
+        tmp_path / "old.jpg"
+    )  # copied with its time kept, ten days ago: the writer would refuse it
+    old.write_bytes(jpeg_bytes(9))
+    os.utime(old, (time.time() - 10 * 86400,) * 2)
+    refused_old = run_publish(mosquitto, outbox, str(old))
+    assert refused_old.returncode == 2 and "older than" in refused_old.stderr
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     refused = run_publish(mosquitto, outbox, str(bad))

@@ -200,7 +200,7 @@ def main() -> int:
     p.add_argument("--endpoint", required=True)
     p.add_argument("--bucket", required=True)
     p.add_argument("--s3-port", required=True)
-    p.add_argument("--rate", type=float, default=25, help="outbox faces per second")
+    p.add_argument("--rate", type=float, default=18, help="outbox faces per second")
     p.add_argument("--direct-rate", type=float, default=5, help="direct faces per second")
     p.add_argument("--total", type=int, default=10_000)
     p.add_argument("--recover-timeout", type=float, default=180)

@@ -347,9 +347,10 @@ class Delivery:
                 len(expired),
                 self.outbox.max_age or 0,
             )
-        republished = self._republish(now)
+        before = self.counters.get("republished")
+        self._republish(now)
+        republished = self.counters.get("republished") - before
         if republished:
-            self.counters.inc("republished", republished)
             log.info("republished %d unacknowledged face(s)", republished)
         self.counters.set_gauge("outbox_depth", self.outbox.depth)
         self.counters.set_gauge("outbox_bytes", self.outbox.size)
@@ -394,6 +395,7 @@ class Delivery:
                 continue
             if not self.publisher.publish(payload, count=False):
                 break  # the client's queue is full: later
+            self.counters.inc("published" if entry.publishes == 0 else "republished")
             entry.published_at = now
             entry.publishes += 1
             sent += 1

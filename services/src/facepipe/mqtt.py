@@ -171,6 +171,9 @@ class MqttSession:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread."""
+        # paho 2.2 logs "Client is not connected" at ERROR from its loop right after every
+        # clean disconnect; nothing useful is logged past this point, so stop its logger first.
+        self.client.disable_logger()
         if self.connected.is_set():
             info = self.client.disconnect()
             deadline = time.monotonic() + timeout
@@ -180,9 +183,6 @@ class MqttSession:
                 log.warning("disconnect returned %s", info)
         else:
             self.client.disconnect()
-        # paho 2.2 logs "Client is not connected" at ERROR from its loop after every clean
-        # disconnect; nothing useful is logged past this point, so stop its logger first.
-        self.client.disable_logger()
         self.client.loop_stop()
 
     # --- operations -----------------------------------------------------------------

@@ -3,17 +3,21 @@
     facepipe-publish --outbox-dir DIR [--device-id ID] [--wait 60] FILE...
 
 Each FILE is a face message (a JPEG carrying the contract's metadata, its device id this one's)
-or a plain JPEG, which gets metadata here: a face id derived from the device and the image's
-content (publishing the same file again is the same face, never a second object),
-``captured_at`` = the file's modification time, ``bbox`` = the whole image, ``detector`` =
-``--detector``. Every face is
+or a plain JPEG, which gets metadata here: ``captured_at`` = the file's modification time, a
+face id derived from the device, the image and that time (publishing the same file again is the
+same face, never a second object), ``bbox`` = the whole image, ``detector`` = ``--detector``.
+A face captured outside the writer's default window (older than ``--outbox-max-age``, or more
+than 5 minutes ahead) is refused: the writer would set it aside. ``--device-id`` must be this
+edge's device id: the edge broker lets local clients publish that device's faces only. Every face is
 accepted into the outbox (fsync'd) before anything is published; then everything in the outbox
 (what an earlier run left included) goes to the local broker, and the command waits up to
 ``--wait`` seconds for the cloud's acknowledgements.
 
-Exit status: 0 every face acknowledged; 3 some still wait in the outbox (a later run publishes
-them again); 2 a bad option or file, or more faces than the outbox holds (nothing accepted);
-1 the outbox could not be written (what was written before stays accepted).
+Exit status: 0 the writer is done with every face (stored; or set aside, which its log and the
+bucket's rejected/ show); 3 some still wait in the outbox (a later run publishes them again);
+2 a bad option or file, or more faces than the outbox holds (nothing accepted), or the broker
+refused a face (not authorised: a wrong --device-id); 1 the outbox could not be written (what
+was written before stays accepted).
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import logging
 import struct
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
 from facepipe import contract
 from facepipe.config import (
+    EXIT_CONFIG,
     LOGGING_OPTIONS,
     MQTT_OPTIONS,
     ConfigError,
@@ -76,7 +81,9 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
     raise ValueError("no JPEG frame header")
 
 
-def load_face(path: Path, device: str, detector: str, max_bytes: int) -> tuple[str, bytes]:
+def load_face(
+    path: Path, device: str, detector: str, max_bytes: int, window: contract.TimeWindow
+) -> tuple[str, bytes]:
     """A face message from a file: (face_id, message). ConfigError names the file otherwise."""
     try:
         data = path.read_bytes()
@@ -91,10 +98,11 @@ def load_face(path: Path, device: str, detector: str, max_bytes: int) -> tuple[s
             width, height = _jpeg_size(data)
             captured = datetime.fromtimestamp(path.stat().st_mtime, UTC)
             digest = hashlib.sha256(data).hexdigest()
+            name = f"{device}/{digest}/{contract.format_time(captured)}"
             meta = contract.validate_metadata(
                 {
                     "v": contract.SCHEMA_VERSION,
-                    "face_id": str(uuid.uuid5(FACE_ID_NAMESPACE, f"{device}/{digest}")),
+                    "face_id": str(uuid.uuid5(FACE_ID_NAMESPACE, name)),
                     "device_id": device,
                     "captured_at": contract.format_time(captured),
                     "frame": 0,
@@ -109,6 +117,10 @@ def load_face(path: Path, device: str, detector: str, max_bytes: int) -> tuple[s
             raise ConfigError(f"{path}: {len(data)} bytes, over --max-bytes {max_bytes}") from None
     if meta.device_id != device:
         raise ConfigError(f"{path}: its metadata names device {meta.device_id!r}, not {device!r}")
+    try:
+        window.check(meta.captured_at, datetime.now(UTC))
+    except contract.ContractError as exc:
+        raise ConfigError(f"{path}: {exc.detail} (the writer would set it aside)") from None
     return meta.face_id, data
 
 
@@ -119,13 +131,15 @@ def run(argv: list[str] | None = None) -> int:
     if not opts.outbox_dir:
         raise ConfigError("--outbox-dir / FACEPIPE_OUTBOX_DIR is required")
     device = resolve_device_id(opts.device_id)
-    faces = [load_face(Path(f), device, opts.detector, opts.max_bytes) for f in opts.files]
+    window = contract.TimeWindow(max_age=timedelta(seconds=opts.outbox_max_age))
+    faces = [load_face(Path(f), device, opts.detector, opts.max_bytes, window) for f in opts.files]
     if len({face_id for face_id, _ in faces}) != len(faces):
         raise ConfigError("two files hold the same face (the same face id)")
     settings = MqttSettings.from_options(opts, default_client_id=f"{PROG}-{device}")
     setup_logging(opts.log_level)
     counters = Counters(
-        ["published", "publish_dropped", "acked", *DELIVERY_COUNTERS], DELIVERY_GAUGES
+        ["published", "publish_dropped", "publish_refused", "acked", *DELIVERY_COUNTERS],
+        DELIVERY_GAUGES,
     )
     # Not durable: acknowledgements would pile up for us in the broker between runs; a run
     # sends again whatever still waits instead.
@@ -165,6 +179,13 @@ def run(argv: list[str] | None = None) -> int:
         left = delivery.outbox.depth
         publishing.close()
     log.info("done: %s", format_counters({**counters.snapshot(), **counters.gauges()}))
+    if counters.get("publish_refused"):
+        log.error(
+            "the broker refused %d face(s); is --device-id %s this edge's device id?",
+            counters.get("publish_refused"),
+            device,
+        )
+        return EXIT_CONFIG
     if left:
         log.warning("%d face(s) wait in %s for the cloud's acknowledgement", left, opts.outbox_dir)
         return EXIT_WAITING
