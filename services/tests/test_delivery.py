@@ -19,9 +19,15 @@ from types import SimpleNamespace
 
 import paho.mqtt.client as paho
 import pytest
-from conftest import Broker, program_env, start_program, wait_for
+from conftest import Broker, program_env, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
-from writer_helpers import jpeg_bytes, log_text, make_face
+from test_writer import (
+    _no_leaked_writers,  # noqa: F401 (autouse: no leaked writers)
+    start_writer,
+    stop_writer,
+    writer_env,
+)
+from writer_helpers import jpeg_bytes, make_face
 
 from facepipe import contract
 from facepipe.config import LOGGING_OPTIONS, MQTT_OPTIONS, parse_options
@@ -255,27 +261,8 @@ def test_leftovers_of_a_crash_go_out_again(tmp_path):
 # --- the real thing: mosquitto, the writer, moto -------------------------------------------
 
 
-def writer_env(broker, s3, client_id: str) -> dict[str, str]:
-    return program_env(
-        broker.env, s3.env, {"FACEPIPE_MQTT_CLIENT_ID": client_id, "FACEPIPE_WORKERS": "4"}
-    )
-
-
-def start_writer(env: dict[str, str], log: Path) -> subprocess.Popen:
-    before = log_text(log).count("subscribed to")
-    proc = start_program("writer", env, log=log)
-    wait_for(
-        lambda: log_text(log).count("subscribed to") > before or proc.poll() is not None,
-        15,
-        "the writer to subscribe",
-    )
-    assert proc.poll() is None, log_text(log)
-    return proc
-
-
 def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    assert proc.wait(30) == 0
+    assert stop_writer(proc, timeout=30) == 0
 
 
 def face_ids_in(s3) -> list[str]:
@@ -314,7 +301,7 @@ def test_faces_a_killed_broker_lost_are_published_again(crashy_broker, s3, tmp_p
     """The broker queues faces for the (stopped) writer, then dies by SIGKILL before its next
     snapshot. Without an outbox those faces are gone; with one, every face reaches S3 once."""
     log = tmp_path / "writer.log"
-    env = writer_env(crashy_broker, s3, "w-crash")
+    env = writer_env(crashy_broker, s3)
     stop(start_writer(env, log))  # its durable session now waits in the broker
     plain, _ = publishing_for(crashy_broker, None)
     durable, counters = publishing_for(crashy_broker, tmp_path / "outbox", ack_timeout="3")
@@ -359,7 +346,7 @@ def test_writer_acknowledges_every_face_it_is_done_with(mosquitto, s3, tmp_path)
     client.subscribe("faces-ack/+", qos=1)
     client.loop_start()
     log = tmp_path / "writer.log"
-    writer = start_writer(writer_env(mosquitto, s3, "w-ack"), log)
+    writer = start_writer(writer_env(mosquitto, s3), log)
     try:
         good = [make_face(DEVICE, i) for i in range(300)]  # more than one ack message holds
         old = contract.validate_metadata(
@@ -416,7 +403,8 @@ def test_facepipe_publish_keeps_faces_until_the_cloud_has_them(mosquitto, s3, tm
     first = run_publish(mosquitto, outbox, *files, wait="2")
     assert first.returncode == 3, first.stderr
     assert len(list(outbox.glob("*.face"))) == 5
-    writer = start_writer(writer_env(mosquitto, s3, "w-pub"), tmp_path / "writer.log")
+    env = writer_env(mosquitto, s3)  # one client id: a second one would be dealt a share too
+    writer = start_writer(env, tmp_path / "writer.log")
     try:
         second = run_publish(mosquitto, outbox)  # no files: what waits goes out again
         assert second.returncode == 0, second.stderr
@@ -428,7 +416,7 @@ def test_facepipe_publish_keeps_faces_until_the_cloud_has_them(mosquitto, s3, tm
     finally:
         stop(writer)
     # The same plain JPEG again is the same face: one object, not two.
-    writer = start_writer(writer_env(mosquitto, s3, "w-pub"), tmp_path / "writer.log")
+    writer = start_writer(env, tmp_path / "writer.log")
     try:
         again = run_publish(mosquitto, outbox, files[0])
         assert again.returncode == 0, again.stderr

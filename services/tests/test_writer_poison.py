@@ -138,20 +138,8 @@ def print_table(rows: list[Row]) -> str:
 
 
 def test_no_burst_of_bad_messages_stalls_the_writer(mosquitto, s3, proxy, tmp_path, capsys):
-    env = program_env(
-        mosquitto.env,
-        s3.env,
-        {
-            "AWS_ENDPOINT_URL": proxy.endpoint,
-            "FACEPIPE_MQTT_CLIENT_ID": f"w-{uuid.uuid4().hex[:8]}",
-            "FACEPIPE_WORKERS": str(WORKERS),
-            "FACEPIPE_MAX_BYTES": str(MAX_BYTES),
-            "FACEPIPE_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
-            "FACEPIPE_METRICS_PORT": str(free_port()),
-        },
-    )
-    log = tmp_path / "writer.log"
-    writer = WriterProcess(env, log)
+    writer = poison_writer(mosquitto, s3, proxy, tmp_path, FACEPIPE_MAX_BYTES=str(MAX_BYTES))
+    env, log = writer.env, writer.log
     publisher = Publisher(mosquitto.host, mosquitto.port)
     refused_id, failing_id = str(uuid.uuid4()), str(uuid.uuid4())
     proxy.faults[refused_id] = Fault(400, "InvalidArgument")
