@@ -54,6 +54,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check . $(PY_SCRIPTS) && $(BIN)/ruff format --check . $(PY_SCRIPTS)
 	$(PY) scripts/check-argument-specs.py
 	$(BIN)/ansible-playbook -i localhost, scripts/check-bad-variables.yml
+	$(PY) scripts/check-site-facts.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" ansible-lint --profile production
 
 unit: deps $(STAMP)

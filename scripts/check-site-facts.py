@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""A site whose hosts or roles disagree on a shared fact fails at play start, naming the variable.
+
+Runs scripts/check-site-facts.yml (facepipe_site only, on local fake hosts: nothing changes) once
+per case against a small inventory of two edges and a cloud, each case breaking one fact the way an
+inventory override would. The first case breaks nothing and must pass. Exits 1 on any surprise.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAYBOOK = ROOT / "scripts" / "check-site-facts.yml"
+
+BASE: dict[str, Any] = {
+    "all": {
+        "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
+        "children": {
+            "cloud": {
+                "hosts": {"cloud1": {"ansible_host": "192.0.2.10"}},
+                "vars": {"face_writer_s3_bucket": "bucket"},
+            },
+            "edge": {
+                "hosts": {"edge1": {}, "edge2": {}},
+                "vars": {
+                    "mosquitto_bridge_address": "192.0.2.10",
+                    "mosquitto_bridge_remote_password": "not-a-real-password",
+                },
+            },
+        },
+    }
+}
+
+# (what breaks, where: group or host, variables, text the failure must contain)
+CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
+    ("nothing (control)", "all", {}, None),
+    ("two edges with one device id", "edge2", {"facepipe_site_device_id": "edge1"}, "share a device id"),
+    ("a device id outside the grammar", "edge1", {"facepipe_site_device_id": "cam 1"}, "facepipe_site_device_id"),
+    ("a wildcard topic prefix", "all", {"facepipe_site_topic_prefix": "faces/#"}, "facepipe_site_topic_prefix"),
+    ("the edges' topic prefix alone", "edge", {"facepipe_site_topic_prefix": "cams"}, "disagree on facepipe_site"),
+    ("the cloud's TLS port alone", "cloud", {"mosquitto_tls_listener_port": 8884}, "mosquitto_bridge_port"),
+    ("the edges' size limit alone", "edge", {"mosquitto_message_size_limit": 2097152}, "mosquitto_message_size"),
+    ("a detector limit above the broker's", "edge", {"face_detector_max_bytes": 2097152}, "face_detector_max_bytes"),
+    ("the device id in extra_env", "edge1", {"face_detector_extra_env": {"FACEPIPE_DEVICE_ID": "x"}}, "facepipe_site"),
+    ("the CA in extra_env", "cloud", {"face_writer_extra_env": {"FACEPIPE_MQTT_TLS_CA": "/x"}}, "mqtt_pki_ca_dest"),
+]
+
+
+def inventory_for(where: str, variables: dict[str, Any]) -> dict[str, Any]:
+    inventory = copy.deepcopy(BASE)
+    groups = inventory["all"]["children"]
+    if where == "all":
+        inventory["all"]["vars"].update(variables)
+    elif where in groups:
+        groups[where]["vars"].update(variables)
+    else:
+        group = "edge" if where.startswith("edge") else "cloud"
+        groups[group]["hosts"][where].update(variables)
+    return inventory
+
+
+def main() -> int:
+    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(ROOT / "roles"), ANSIBLE_NOCOLOR="1")
+    playbook_bin = str(Path(sys.executable).parent / "ansible-playbook")
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        hosts = Path(tmp) / "hosts.yml"
+        for what, where, variables, expected in CASES:
+            hosts.write_text(json.dumps(inventory_for(where, variables)))
+            run = subprocess.run(
+                [playbook_bin, "-i", str(hosts), str(PLAYBOOK)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            output = run.stdout + run.stderr
+            if expected is None:
+                ok = run.returncode == 0
+            else:
+                ok = run.returncode != 0 and expected in output and "TASK [facepipe_site" in output
+            print(f"{'ok  ' if ok else 'FAIL'} {what}: exit {run.returncode}")
+            if not ok:
+                failures += 1
+                print(output[-3000:])
+    print(f"site facts: {len(CASES)} cases, {failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
