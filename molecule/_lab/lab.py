@@ -74,9 +74,8 @@ def log(msg: str) -> None:
     print(f"lab: {msg}", file=sys.stderr, flush=True)
 
 
-def die(msg: str, code: int = 1) -> None:
-    log(f"error: {msg}")
-    sys.exit(code)
+class LabError(Exception):
+    """A failure to report as `lab: error: <message>` with exit status 1 (done once, in main)."""
 
 
 def run(cmd: list[str], check: bool = True, capture: bool = False, **kw) -> subprocess.CompletedProcess:
@@ -87,7 +86,7 @@ def run(cmd: list[str], check: bool = True, capture: bool = False, **kw) -> subp
     proc = subprocess.run(cmd, check=False, **kwargs)
     if check and proc.returncode != 0:
         err = (proc.stderr or "").strip() if capture else ""
-        die(f"command failed ({proc.returncode}): {' '.join(cmd)} {err}")
+        raise LabError(f"command failed ({proc.returncode}): {' '.join(cmd)} {err}")
     return proc
 
 
@@ -274,7 +273,7 @@ def build_image(release: str) -> None:
 def ensure_images(releases: list[str], refresh: bool = False) -> None:
     for release in releases:
         if release not in RELEASES:
-            die(f"unknown release {release!r} (known: {', '.join(RELEASES)})")
+            raise LabError(f"unknown release {release!r} (known: {', '.join(RELEASES)})")
         with locked(CACHE_DIR / f".{release}.lock"):
             migrate_image_layout(release)
             if refresh or not image_fresh(release):
@@ -450,7 +449,7 @@ def apply_cut(lab: str, address: str, veth: str, cut: bool) -> None:
             capture=True,
         )
         if proc.returncode != 0 and cut:
-            die(f"nft {verb} element failed: {proc.stderr.strip()}")
+            raise LabError(f"nft {verb} element failed: {proc.stderr.strip()}")
 
 
 def blocked_state(lab: str) -> dict:
@@ -464,7 +463,7 @@ def apply_block(lab: str, address: str, port: int, block: bool) -> None:
     elem = f"{{ {address} . {port} }}"
     proc = run(["nft", verb, "element", "inet", nft_table(lab), "blocked", elem], check=False, capture=True)
     if proc.returncode != 0 and block:
-        die(f"nft {verb} element failed: {proc.stderr.strip()}")
+        raise LabError(f"nft {verb} element failed: {proc.stderr.strip()}")
 
 
 def iptables_forward(lab: str, bridge: str, add: bool) -> None:
@@ -546,7 +545,7 @@ def resolv_conf() -> str:
     if not good:
         upstream = os.environ.get("FACEPIPE_LAB_DNS")
         if not upstream:
-            die("controller resolver is loopback-only; set FACEPIPE_LAB_DNS to an upstream resolver")
+            raise LabError("controller resolver is loopback-only; set FACEPIPE_LAB_DNS to an upstream resolver")
         good = upstream.split(",")
     return "".join(f"nameserver {s}\n" for s in good if ":" not in s) + "options timeout:2 attempts:3\n"
 
@@ -648,14 +647,14 @@ def wait_ready(state: dict, host: dict, timeout: float = 120) -> str:
     addr = host["address"]
     while time.monotonic() < deadline:
         if not host_running(state["lab"], host["name"]):
-            die(f"{host['name']}: nspawn exited; see {lab_dir(state['lab']) / host['name'] / 'console.log'}")
+            raise LabError(f"{host['name']}: nspawn exited; see {lab_dir(state['lab']) / host['name'] / 'console.log'}")
         try:
             with socket.create_connection((addr, 22), timeout=2):
                 break
         except OSError:
             time.sleep(0.5)
     else:
-        die(f"{host['name']}: ssh port not reachable at {addr} after {timeout}s")
+        raise LabError(f"{host['name']}: ssh port not reachable at {addr} after {timeout}s")
     while time.monotonic() < deadline:
         left = max(5, int(deadline - time.monotonic()))
         proc = run(
@@ -674,8 +673,7 @@ def wait_ready(state: dict, host: dict, timeout: float = 120) -> str:
                 log(f"{host['name']}: degraded; failed units: {failed}")
             return status
         time.sleep(1)
-    die(f"{host['name']}: system did not reach running state in {timeout}s")
-    return ""
+    raise LabError(f"{host['name']}: system did not reach running state in {timeout}s")
 
 
 def remove_rootfs(hdir: Path) -> None:
@@ -685,7 +683,7 @@ def remove_rootfs(hdir: Path) -> None:
         if not ok(["umount", str(root)]):
             run(["umount", "--lazy", str(root)], check=False)
     if os.path.ismount(root):
-        die(f"{root} is still mounted; refusing to delete below it")
+        raise LabError(f"{root} is still mounted; refusing to delete below it")
     for sub in ("rootfs", "upper", "work"):
         if (hdir / sub).exists():
             shutil.rmtree(hdir / sub)
@@ -739,7 +737,7 @@ def kill_host(lab: str, host: dict) -> None:
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     if pid_alive(pid):
-        die(f"{host['name']}: nspawn {pid} survived SIGKILL")
+        raise LabError(f"{host['name']}: nspawn {pid} survived SIGKILL")
 
 
 def mount_rootfs(lab: str, host: dict) -> Path:
@@ -756,7 +754,7 @@ def cmd_poweroff(args) -> None:
     with locked(lab_lock(args.lab)):
         state, h = get_host(args)
         if not host_running(args.lab, h["name"]):
-            die(f"{h['name']}: not running")
+            raise LabError(f"{h['name']}: not running")
         t0 = time.monotonic()
         kill_host(args.lab, h)
         stop_host(args.lab, h)  # network and mount leftovers; the disk (upper layer) stays
@@ -769,9 +767,9 @@ def cmd_poweron(args) -> None:
     with locked(lab_lock(args.lab)):
         state, h = get_host(args)
         if host_running(args.lab, h["name"]):
-            die(f"{h['name']}: already running")
+            raise LabError(f"{h['name']}: already running")
         if not (lab_dir(args.lab) / h["name"] / "upper").is_dir() and h.get("image"):
-            die(f"{h['name']}: no disk to boot; use up")
+            raise LabError(f"{h['name']}: no disk to boot; use up")
         mount_rootfs(args.lab, h)
         ensure_netns(args.lab, h, state)
         if h.get("cut"):
@@ -799,12 +797,12 @@ def cmd_block(args, block: bool = True) -> None:
 def parse_host(spec: str) -> dict:
     parts = spec.split(":")
     if len(parts) not in (2, 3):
-        die(f"bad --host {spec!r}: expected NAME:RELEASE[:GROUP,...]")
+        raise LabError(f"bad --host {spec!r}: expected NAME:RELEASE[:GROUP,...]")
     name, release = parts[0], parts[1]
     if not NAME_RE.match(name):
-        die(f"bad host name {name!r}")
+        raise LabError(f"bad host name {name!r}")
     if release not in RELEASES:
-        die(f"bad release {release!r} for {name}")
+        raise LabError(f"bad release {release!r} for {name}")
     groups = [g for g in (parts[2].split(",") if len(parts) == 3 else []) if g]
     return {"name": name, "release": release, "groups": groups}
 
@@ -812,19 +810,21 @@ def parse_host(spec: str) -> dict:
 def cmd_up(args) -> None:
     lab = args.lab
     if not NAME_RE.match(lab):
-        die(f"bad lab name {lab!r}")
+        raise LabError(f"bad lab name {lab!r}")
     if len(args.bridge) > 15:
-        die("bridge name longer than 15 characters")
+        raise LabError("bridge name longer than 15 characters")
     net = ipaddress.ip_network(args.subnet)
     wanted = [parse_host(s) for s in args.host]
     if len({h["name"] for h in wanted}) != len(wanted):
-        die("duplicate host names")
+        raise LabError("duplicate host names")
     ensure_images(sorted({h["release"] for h in wanted}))
     with locked(lab_lock(lab)):
         lab_dir(lab).mkdir(parents=True, exist_ok=True)
         state = load_state(lab) or {}
         if state and (state.get("subnet") != str(net) or state.get("bridge") != args.bridge):
-            die(f"lab {lab} exists with subnet {state.get('subnet')} bridge {state.get('bridge')}; run down first")
+            raise LabError(
+                f"lab {lab} exists with subnet {state.get('subnet')} bridge {state.get('bridge')}; run down first"
+            )
         state.update(
             lab=lab,
             subnet=str(net),
@@ -948,12 +948,11 @@ def cmd_down(args) -> None:
 def get_host(args) -> tuple[dict, dict]:
     state = load_state(args.lab)
     if not state:
-        die(f"lab {args.lab} does not exist")
+        raise LabError(f"lab {args.lab} does not exist")
     for h in state["hosts"]:
         if h["name"] == args.host:
             return state, h
-    die(f"no host {args.host} in lab {args.lab}")
-    raise AssertionError
+    raise LabError(f"no host {args.host} in lab {args.lab}")
 
 
 def cmd_cut(args, cut: bool = True) -> None:
@@ -1041,9 +1040,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--lab", required=True)
     s.set_defaults(func=cmd_status)
     args = p.parse_args(argv)
-    if os.geteuid() != 0:
-        die("must run as root")
-    args.func(args)
+    try:
+        if os.geteuid() != 0:
+            raise LabError("must run as root")
+        args.func(args)
+    except LabError as e:
+        log(f"error: {e}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
