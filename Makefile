@@ -51,6 +51,7 @@ PY_SCRIPTS := scripts/lab-up scripts/moto-server
 lint: $(STAMP)
 	cd services && ../$(BIN)/ruff check . && ../$(BIN)/ruff format --check .
 	cd services && ../$(BIN)/mypy --ignore-missing-imports src
+	$(BIN)/mypy --ignore-missing-imports molecule/_lab/lab.py
 	$(BIN)/ruff check . $(PY_SCRIPTS) && $(BIN)/ruff format --check . $(PY_SCRIPTS)
 	$(PY) scripts/check-argument-specs.py
 	$(BIN)/ansible-playbook -i localhost, scripts/check-bad-variables.yml

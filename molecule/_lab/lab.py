@@ -28,7 +28,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NotRequired, TypedDict, TypeGuard
 
 CACHE_DIR = Path(os.environ.get("FACEPIPE_LAB_CACHE", "/var/cache/facepipe-lab"))
 STATE_DIR = Path(os.environ.get("FACEPIPE_LAB_STATE", "/var/lib/facepipe-lab"))
@@ -70,24 +73,79 @@ SSH_OPTS = [
 ]
 
 
+class ImageStamp(TypedDict):
+    """<release>/<version>/stamp.json: how an image was built (read with .get: older stamps lack keys)."""
+
+    release: str
+    built: int  # time.time() when the build finished; the version directory is named after it
+    format: int  # IMAGE_FORMAT of the recipe
+    packages: list[str]
+    mirror: str
+    seconds: float  # build duration
+
+
+class Host(TypedDict):
+    """A host in hosts.json. Plain dicts at run time, so a rewrite of the file keeps the order of
+    its keys and any key this version does not know."""
+
+    name: str
+    release: str
+    groups: list[str]
+    address: str
+    netns: str
+    veth: str  # bridge side of the veth pair
+    peer: str  # container side, renamed eth0 in the netns
+    cut: bool
+    image: NotRequired[str]  # the image rootfs its overlay is layered on ("" for a full copy); set at boot
+    powered_off: NotRequired[bool]  # set by poweroff / poweron
+    blocked: NotRequired[list[int]]  # gateway TCP ports dropped for it (block / unblock)
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """A host as asked for with --host NAME:RELEASE[:GROUP,...]."""
+
+    name: str
+    release: str
+    groups: tuple[str, ...]
+
+
+class HostRef(TypedDict):
+    """A host `down` knows only by its directory (its hosts.json entry is lost)."""
+
+    name: str
+    netns: NotRequired[str]
+    veth: NotRequired[str]
+
+
+class LabState(TypedDict):
+    """hosts.json; `up` prints it, `status` prints it with run-time facts added."""
+
+    lab: str
+    subnet: str
+    bridge: str
+    gateway: str
+    ssh_key: str
+    hosts: list[Host]
+
+
 def log(msg: str) -> None:
     print(f"lab: {msg}", file=sys.stderr, flush=True)
 
 
-def die(msg: str, code: int = 1) -> None:
-    log(f"error: {msg}")
-    sys.exit(code)
+class LabError(Exception):
+    """A failure to report as `lab: error: <message>` with exit status 1 (done once, in main)."""
 
 
-def run(cmd: list[str], check: bool = True, capture: bool = False, **kw) -> subprocess.CompletedProcess:
-    kwargs = {"text": True}
+def run(cmd: list[str], check: bool = True, capture: bool = False, **kw: Any) -> subprocess.CompletedProcess[str]:
+    kwargs: dict[str, Any] = {"text": True}
     if capture:
         kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     kwargs.update(kw)
     proc = subprocess.run(cmd, check=False, **kwargs)
     if check and proc.returncode != 0:
         err = (proc.stderr or "").strip() if capture else ""
-        die(f"command failed ({proc.returncode}): {' '.join(cmd)} {err}")
+        raise LabError(f"command failed ({proc.returncode}): {' '.join(cmd)} {err}")
     return proc
 
 
@@ -96,7 +154,7 @@ def ok(cmd: list[str]) -> bool:
 
 
 @contextlib.contextmanager
-def locked(path: Path):
+def locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -119,9 +177,10 @@ def image_root(release: str) -> Path:
     return image_dir(release) / "rootfs"
 
 
-def image_stamp(release: str) -> dict | None:
+def image_stamp(release: str) -> ImageStamp | None:
     try:
-        return json.loads((image_dir(release) / "stamp.json").read_text())
+        stamp: ImageStamp = json.loads((image_dir(release) / "stamp.json").read_text())
+        return stamp
     except (OSError, ValueError):
         return None
 
@@ -143,7 +202,7 @@ def migrate_image_layout(release: str) -> None:
 
 
 def images_in_use() -> set[str]:
-    used = set()
+    used: set[str] = set()
     for hosts_json in STATE_DIR.glob("*/hosts.json"):
         with contextlib.suppress(OSError, ValueError):
             used.update(h.get("image", "") for h in json.loads(hosts_json.read_text())["hosts"])
@@ -250,7 +309,7 @@ def build_image(release: str) -> None:
     (root / "etc/ssh/sshd_config.d/10-facepipe-lab.conf").write_text(
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUseDNS no\n"
     )
-    stamp = {
+    stamp: ImageStamp = {
         "release": release,
         "built": int(time.time()),
         "format": IMAGE_FORMAT,
@@ -274,7 +333,7 @@ def build_image(release: str) -> None:
 def ensure_images(releases: list[str], refresh: bool = False) -> None:
     for release in releases:
         if release not in RELEASES:
-            die(f"unknown release {release!r} (known: {', '.join(RELEASES)})")
+            raise LabError(f"unknown release {release!r} (known: {', '.join(RELEASES)})")
         with locked(CACHE_DIR / f".{release}.lock"):
             migrate_image_layout(release)
             if refresh or not image_fresh(release):
@@ -283,7 +342,7 @@ def ensure_images(releases: list[str], refresh: bool = False) -> None:
                 log(f"image {release} is fresh ({image_root(release)})")
 
 
-def cmd_images(args) -> None:
+def cmd_images(args: argparse.Namespace) -> None:
     ensure_images(args.release or list(RELEASES), args.refresh)
     for release in args.release or RELEASES:
         print(
@@ -308,14 +367,15 @@ def lab_lock(lab: str) -> Path:
     return STATE_DIR / f".{lab}.lock"
 
 
-def load_state(lab: str) -> dict | None:
+def load_state(lab: str) -> LabState | None:
     try:
-        return json.loads((lab_dir(lab) / "hosts.json").read_text())
+        state: LabState = json.loads((lab_dir(lab) / "hosts.json").read_text())
+        return state
     except (OSError, ValueError):
         return None
 
 
-def save_state(state: dict) -> None:
+def save_state(state: LabState) -> None:
     path = lab_dir(state["lab"]) / "hosts.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2) + "\n")
@@ -339,7 +399,7 @@ def nft_table(lab: str) -> str:
     return "fplab_" + re.sub(r"[^A-Za-z0-9_]", "_", lab)
 
 
-def pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> TypeGuard[int]:
     if not pid:
         return False
     try:
@@ -379,7 +439,7 @@ def netns_exists(name: str) -> bool:
     return Path(f"/run/netns/{name}").exists()
 
 
-def ensure_bridge(lab: str, bridge: str, net: ipaddress.IPv4Network) -> None:
+def ensure_bridge(lab: str, bridge: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
     gw = f"{net.network_address + 1}/{net.prefixlen}"
     if not link_exists(bridge):
         run(["ip", "link", "add", "name", bridge, "type", "bridge"])
@@ -432,9 +492,11 @@ table bridge {table} {{
             apply_block(lab, addr, port, True)
 
 
-def cut_state(lab: str) -> dict:
-    state = load_state(lab) or {}
-    return {h["name"]: (h["address"], h["veth"]) for h in state.get("hosts", []) if h.get("cut")}
+def cut_state(lab: str) -> dict[str, tuple[str, str]]:
+    """name -> (address, veth) of the lab's cut hosts."""
+    state = load_state(lab)
+    hosts = state.get("hosts", []) if state else []
+    return {h["name"]: (h["address"], h["veth"]) for h in hosts if h.get("cut")}
 
 
 def apply_cut(lab: str, address: str, veth: str, cut: bool) -> None:
@@ -450,12 +512,14 @@ def apply_cut(lab: str, address: str, veth: str, cut: bool) -> None:
             capture=True,
         )
         if proc.returncode != 0 and cut:
-            die(f"nft {verb} element failed: {proc.stderr.strip()}")
+            raise LabError(f"nft {verb} element failed: {proc.stderr.strip()}")
 
 
-def blocked_state(lab: str) -> dict:
-    state = load_state(lab) or {}
-    return {h["name"]: (h["address"], h.get("blocked", [])) for h in state.get("hosts", []) if h.get("blocked")}
+def blocked_state(lab: str) -> dict[str, tuple[str, list[int]]]:
+    """name -> (address, blocked gateway ports) of the lab's hosts with blocked ports."""
+    state = load_state(lab)
+    hosts = state.get("hosts", []) if state else []
+    return {h["name"]: (h["address"], h.get("blocked", [])) for h in hosts if h.get("blocked")}
 
 
 def apply_block(lab: str, address: str, port: int, block: bool) -> None:
@@ -464,7 +528,7 @@ def apply_block(lab: str, address: str, port: int, block: bool) -> None:
     elem = f"{{ {address} . {port} }}"
     proc = run(["nft", verb, "element", "inet", nft_table(lab), "blocked", elem], check=False, capture=True)
     if proc.returncode != 0 and block:
-        die(f"nft {verb} element failed: {proc.stderr.strip()}")
+        raise LabError(f"nft {verb} element failed: {proc.stderr.strip()}")
 
 
 def iptables_forward(lab: str, bridge: str, add: bool) -> None:
@@ -499,7 +563,7 @@ def teardown_network(lab: str, bridge: str | None) -> None:
 # ---------------------------------------------------------------- hosts
 
 
-def ssh_cmd(state: dict, address: str, *remote: str, tty: bool = False) -> list[str]:
+def ssh_cmd(state: LabState, address: str, *remote: str, tty: bool = False) -> list[str]:
     cmd = ["ssh", *SSH_OPTS, "-i", state["ssh_key"], "-l", "root"]
     if tty:
         cmd.append("-t")
@@ -526,7 +590,7 @@ def ensure_key(lab: str) -> Path:
     return key
 
 
-def write_identity(root: Path, name: str, address: str, all_hosts: list[dict], gateway: str) -> None:
+def write_identity(root: Path, name: str, address: str, all_hosts: list[Host], gateway: str) -> None:
     (root / "etc/hostname").write_text(name + "\n")
     lines = [
         "127.0.0.1\tlocalhost",
@@ -546,12 +610,12 @@ def resolv_conf() -> str:
     if not good:
         upstream = os.environ.get("FACEPIPE_LAB_DNS")
         if not upstream:
-            die("controller resolver is loopback-only; set FACEPIPE_LAB_DNS to an upstream resolver")
+            raise LabError("controller resolver is loopback-only; set FACEPIPE_LAB_DNS to an upstream resolver")
         good = upstream.split(",")
     return "".join(f"nameserver {s}\n" for s in good if ":" not in s) + "options timeout:2 attempts:3\n"
 
 
-def prepare_rootfs(lab: str, host: dict, state: dict) -> Path:
+def prepare_rootfs(lab: str, host: Host, state: LabState) -> Path:
     hdir = lab_dir(lab) / host["name"]
     root = hdir / "rootfs"
     remove_rootfs(hdir)
@@ -591,7 +655,7 @@ def prepare_rootfs(lab: str, host: dict, state: dict) -> Path:
     return root
 
 
-def ensure_netns(lab: str, host: dict, state: dict) -> None:
+def ensure_netns(lab: str, host: Host, state: LabState) -> None:
     ns = host["netns"]
     veth, peer = host["veth"], host["peer"]
     net = ipaddress.ip_network(state["subnet"])
@@ -613,7 +677,7 @@ def ensure_netns(lab: str, host: dict, state: dict) -> None:
     run(["ip", "-n", ns, "route", "replace", "default", "via", state["gateway"]])
 
 
-def boot(lab: str, host: dict) -> int:
+def boot(lab: str, host: Host) -> int:
     hdir = lab_dir(lab) / host["name"]
     logf = open(hdir / "console.log", "ab")
     cmd = [
@@ -643,19 +707,19 @@ def boot(lab: str, host: dict) -> int:
     return proc.pid
 
 
-def wait_ready(state: dict, host: dict, timeout: float = 120) -> str:
+def wait_ready(state: LabState, host: Host, timeout: float = 120) -> str:
     deadline = time.monotonic() + timeout
     addr = host["address"]
     while time.monotonic() < deadline:
         if not host_running(state["lab"], host["name"]):
-            die(f"{host['name']}: nspawn exited; see {lab_dir(state['lab']) / host['name'] / 'console.log'}")
+            raise LabError(f"{host['name']}: nspawn exited; see {lab_dir(state['lab']) / host['name'] / 'console.log'}")
         try:
             with socket.create_connection((addr, 22), timeout=2):
                 break
         except OSError:
             time.sleep(0.5)
     else:
-        die(f"{host['name']}: ssh port not reachable at {addr} after {timeout}s")
+        raise LabError(f"{host['name']}: ssh port not reachable at {addr} after {timeout}s")
     while time.monotonic() < deadline:
         left = max(5, int(deadline - time.monotonic()))
         proc = run(
@@ -674,8 +738,7 @@ def wait_ready(state: dict, host: dict, timeout: float = 120) -> str:
                 log(f"{host['name']}: degraded; failed units: {failed}")
             return status
         time.sleep(1)
-    die(f"{host['name']}: system did not reach running state in {timeout}s")
-    return ""
+    raise LabError(f"{host['name']}: system did not reach running state in {timeout}s")
 
 
 def remove_rootfs(hdir: Path) -> None:
@@ -685,13 +748,13 @@ def remove_rootfs(hdir: Path) -> None:
         if not ok(["umount", str(root)]):
             run(["umount", "--lazy", str(root)], check=False)
     if os.path.ismount(root):
-        die(f"{root} is still mounted; refusing to delete below it")
+        raise LabError(f"{root} is still mounted; refusing to delete below it")
     for sub in ("rootfs", "upper", "work"):
         if (hdir / sub).exists():
             shutil.rmtree(hdir / sub)
 
 
-def stop_host(lab: str, host: dict, timeout: float = 30) -> None:
+def stop_host(lab: str, host: Host | HostRef, timeout: float = 30) -> None:
     pid = host_pid(lab, host["name"])
     if pid_alive(pid):
         # SIGTERM makes nspawn ask the container's systemd to power off cleanly.
@@ -724,7 +787,7 @@ def stop_host(lab: str, host: dict, timeout: float = 30) -> None:
         run(["umount", "--lazy", str(root)], check=False)
 
 
-def kill_host(lab: str, host: dict) -> None:
+def kill_host(lab: str, host: Host) -> None:
     """Every process of a host dies at once (SIGKILL): no shutdown, no unit stops, no unmount."""
     pid = host_pid(lab, host["name"])
     ns = host.get("netns") or netns_name(lab, host["name"])
@@ -739,10 +802,10 @@ def kill_host(lab: str, host: dict) -> None:
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     if pid_alive(pid):
-        die(f"{host['name']}: nspawn {pid} survived SIGKILL")
+        raise LabError(f"{host['name']}: nspawn {pid} survived SIGKILL")
 
 
-def mount_rootfs(lab: str, host: dict) -> Path:
+def mount_rootfs(lab: str, host: Host) -> Path:
     """Mount a host's existing overlay again (its disk as the power cut left it)."""
     hdir = lab_dir(lab) / host["name"]
     root = hdir / "rootfs"
@@ -752,11 +815,11 @@ def mount_rootfs(lab: str, host: dict) -> Path:
     return root
 
 
-def cmd_poweroff(args) -> None:
+def cmd_poweroff(args: argparse.Namespace) -> None:
     with locked(lab_lock(args.lab)):
         state, h = get_host(args)
         if not host_running(args.lab, h["name"]):
-            die(f"{h['name']}: not running")
+            raise LabError(f"{h['name']}: not running")
         t0 = time.monotonic()
         kill_host(args.lab, h)
         stop_host(args.lab, h)  # network and mount leftovers; the disk (upper layer) stays
@@ -765,13 +828,13 @@ def cmd_poweroff(args) -> None:
     log(f"{h['name']}: powered off hard in {time.monotonic() - t0:.1f}s (every process SIGKILLed)")
 
 
-def cmd_poweron(args) -> None:
+def cmd_poweron(args: argparse.Namespace) -> None:
     with locked(lab_lock(args.lab)):
         state, h = get_host(args)
         if host_running(args.lab, h["name"]):
-            die(f"{h['name']}: already running")
+            raise LabError(f"{h['name']}: already running")
         if not (lab_dir(args.lab) / h["name"] / "upper").is_dir() and h.get("image"):
-            die(f"{h['name']}: no disk to boot; use up")
+            raise LabError(f"{h['name']}: no disk to boot; use up")
         mount_rootfs(args.lab, h)
         ensure_netns(args.lab, h, state)
         if h.get("cut"):
@@ -784,7 +847,7 @@ def cmd_poweron(args) -> None:
     log(f"{h['name']}: {status}")
 
 
-def cmd_block(args, block: bool = True) -> None:
+def cmd_block(args: argparse.Namespace, block: bool = True) -> None:
     with locked(lab_lock(args.lab)):
         state, h = get_host(args)
         apply_block(args.lab, h["address"], args.port, block)
@@ -796,60 +859,88 @@ def cmd_block(args, block: bool = True) -> None:
     log(f"{h['name']}: {gateway}:{args.port} {'blocked (dropped silently)' if block else 'reachable again'}")
 
 
-def parse_host(spec: str) -> dict:
+def parse_host(spec: str) -> HostSpec:
     parts = spec.split(":")
     if len(parts) not in (2, 3):
-        die(f"bad --host {spec!r}: expected NAME:RELEASE[:GROUP,...]")
+        raise LabError(f"bad --host {spec!r}: expected NAME:RELEASE[:GROUP,...]")
     name, release = parts[0], parts[1]
     if not NAME_RE.match(name):
-        die(f"bad host name {name!r}")
+        raise LabError(f"bad host name {name!r}")
     if release not in RELEASES:
-        die(f"bad release {release!r} for {name}")
-    groups = [g for g in (parts[2].split(",") if len(parts) == 3 else []) if g]
-    return {"name": name, "release": release, "groups": groups}
+        raise LabError(f"bad release {release!r} for {name}")
+    groups = tuple(g for g in (parts[2].split(",") if len(parts) == 3 else []) if g)
+    return HostSpec(name, release, groups)
 
 
-def cmd_up(args) -> None:
+def cmd_up(args: argparse.Namespace) -> None:
     lab = args.lab
     if not NAME_RE.match(lab):
-        die(f"bad lab name {lab!r}")
+        raise LabError(f"bad lab name {lab!r}")
     if len(args.bridge) > 15:
-        die("bridge name longer than 15 characters")
+        raise LabError("bridge name longer than 15 characters")
     net = ipaddress.ip_network(args.subnet)
     wanted = [parse_host(s) for s in args.host]
-    if len({h["name"] for h in wanted}) != len(wanted):
-        die("duplicate host names")
-    ensure_images(sorted({h["release"] for h in wanted}))
+    if len({w.name for w in wanted}) != len(wanted):
+        raise LabError("duplicate host names")
+    ensure_images(sorted({w.release for w in wanted}))
     with locked(lab_lock(lab)):
         lab_dir(lab).mkdir(parents=True, exist_ok=True)
-        state = load_state(lab) or {}
-        if state and (state.get("subnet") != str(net) or state.get("bridge") != args.bridge):
-            die(f"lab {lab} exists with subnet {state.get('subnet')} bridge {state.get('bridge')}; run down first")
-        state.update(
-            lab=lab,
-            subnet=str(net),
-            bridge=args.bridge,
-            gateway=str(net.network_address + 1),
-            ssh_key=str(ensure_key(lab)),
-        )
-        known = {h["name"]: h for h in state.get("hosts", [])}
+        saved = load_state(lab)
+        if saved and (saved.get("subnet") != str(net) or saved.get("bridge") != args.bridge):
+            raise LabError(
+                f"lab {lab} exists with subnet {saved.get('subnet')} bridge {saved.get('bridge')}; run down first"
+            )
+        state: LabState = {
+            "lab": lab,
+            "subnet": str(net),
+            "bridge": args.bridge,
+            "gateway": str(net.network_address + 1),
+            "ssh_key": str(ensure_key(lab)),
+            "hosts": saved.get("hosts", []) if saved else [],
+        }
+        if saved:  # an existing file keeps its key order (and any key this version does not know)
+            saved.update(state)
+            state = saved
+        known = {h["name"]: h for h in state["hosts"]}
         used = {h["address"] for h in known.values()}
         free = (str(net.network_address + i) for i in range(HOST_FIRST_OCTET, net.num_addresses - 1))
-        hosts = []
+        hosts: list[Host] = []
         for w in wanted:
-            old = known.pop(w["name"], None)
-            if old and old["release"] != w["release"]:
-                log(f"{w['name']}: release changed, recreating")
+            netns = netns_name(lab, w.name)
+            veth, peer = veth_names(lab, w.name)
+            old = known.pop(w.name, None)
+            h: Host
+            if old and old["release"] != w.release:
+                log(f"{w.name}: release changed, recreating")
                 stop_host(lab, old)
-                old = {"address": old["address"]}
-            h = dict(old or {})
-            h.update(w)
-            if "address" not in h:
-                h["address"] = next(a for a in free if a not in used)
+                # recreated at its old address; key order as before (address first)
+                h = {
+                    "address": old["address"],
+                    "name": w.name,
+                    "release": w.release,
+                    "groups": list(w.groups),
+                    "netns": netns,
+                    "veth": veth,
+                    "peer": peer,
+                    "cut": False,
+                }
+            elif old:  # kept, with what --host asks for now
+                h = old.copy()
+                h["name"], h["release"], h["groups"] = w.name, w.release, list(w.groups)
+                h["netns"], h["veth"], h["peer"] = netns, veth, peer
+                h.setdefault("cut", False)
+            else:
+                h = {
+                    "name": w.name,
+                    "release": w.release,
+                    "groups": list(w.groups),
+                    "address": next(a for a in free if a not in used),
+                    "netns": netns,
+                    "veth": veth,
+                    "peer": peer,
+                    "cut": False,
+                }
                 used.add(h["address"])
-            h["netns"] = netns_name(lab, h["name"])
-            h["veth"], h["peer"] = veth_names(lab, h["name"])
-            h.setdefault("cut", False)
             hosts.append(h)
         extra = list(known.values())  # hosts of an earlier up that are not asked for now: keep them
         state["hosts"] = hosts + extra
@@ -889,12 +980,18 @@ def cmd_up(args) -> None:
     print(json.dumps(state, indent=2))
 
 
-def write_inventory(state: dict, path: Path) -> None:
+def write_inventory(state: LabState, path: Path) -> None:
     """A YAML inventory (JSON is valid YAML) with the hosts, their groups and ssh settings."""
-    inv: dict = {
+    hosts: dict[str, dict[str, str]] = {}
+    children: dict[str, dict[str, dict[str, dict[str, str]]]] = {}
+    for h in state["hosts"]:
+        hosts[h["name"]] = {"ansible_host": h["address"]}
+        for g in h["groups"]:
+            children.setdefault(g, {"hosts": {}})["hosts"][h["name"]] = {}
+    inv = {
         "all": {
-            "hosts": {},
-            "children": {},
+            "hosts": hosts,
+            "children": children,
             "vars": {
                 "ansible_user": "root",
                 "ansible_ssh_private_key_file": state["ssh_key"],
@@ -904,27 +1001,23 @@ def write_inventory(state: dict, path: Path) -> None:
             },
         }
     }
-    for h in state["hosts"]:
-        inv["all"]["hosts"][h["name"]] = {"ansible_host": h["address"]}
-        for g in h["groups"]:
-            inv["all"]["children"].setdefault(g, {"hosts": {}})["hosts"][h["name"]] = {}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(inv, indent=2) + "\n")
     log(f"inventory written to {path}")
 
 
-def cmd_down(args) -> None:
+def cmd_down(args: argparse.Namespace) -> None:
     lab = args.lab
     ldir = lab_dir(lab)
-    state = load_state(lab) or {"lab": lab, "hosts": []}
+    state = load_state(lab)
     with locked(lab_lock(lab)):
-        names = {h["name"] for h in state.get("hosts", [])}
+        hosts: list[Host | HostRef] = [*(state.get("hosts", []) if state else [])]
+        names = {h["name"] for h in hosts}
         # also hosts whose state was lost but whose directories remain
         if ldir.exists():
             for d in ldir.iterdir():
                 if d.is_dir() and d.name not in names:
-                    state.setdefault("hosts", []).append({"name": d.name})
-        hosts = state.get("hosts", [])
+                    hosts.append({"name": d.name})
         for h in hosts:
             pid = host_pid(lab, h["name"])
             if pid_alive(pid):
@@ -932,7 +1025,7 @@ def cmd_down(args) -> None:
                     os.kill(pid, signal.SIGTERM)  # start all shutdowns in parallel
         for h in hosts:
             stop_host(lab, h, timeout=args.timeout)
-        teardown_network(lab, state.get("bridge") or args.bridge)
+        teardown_network(lab, (state.get("bridge") if state else None) or args.bridge)
         if ldir.exists():
             for d in ldir.iterdir():
                 if d.is_dir():
@@ -945,18 +1038,17 @@ def cmd_down(args) -> None:
     log(f"lab {lab} is down")
 
 
-def get_host(args) -> tuple[dict, dict]:
+def get_host(args: argparse.Namespace) -> tuple[LabState, Host]:
     state = load_state(args.lab)
     if not state:
-        die(f"lab {args.lab} does not exist")
+        raise LabError(f"lab {args.lab} does not exist")
     for h in state["hosts"]:
         if h["name"] == args.host:
             return state, h
-    die(f"no host {args.host} in lab {args.lab}")
-    raise AssertionError
+    raise LabError(f"no host {args.host} in lab {args.lab}")
 
 
-def cmd_cut(args, cut: bool = True) -> None:
+def cmd_cut(args: argparse.Namespace, cut: bool = True) -> None:
     with locked(lab_lock(args.lab)):
         state, h = get_host(args)
         apply_cut(args.lab, h["address"], h["veth"], cut)
@@ -965,22 +1057,23 @@ def cmd_cut(args, cut: bool = True) -> None:
     log(f"{h['name']}: network {'cut (controller ssh still works)' if cut else 'restored'}")
 
 
-def cmd_exec(args) -> None:
+def cmd_exec(args: argparse.Namespace) -> None:
     state, h = get_host(args)
     cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
     os.execvp("ssh", ssh_cmd(state, h["address"], *cmd, tty=sys.stdin.isatty() and not cmd))
 
 
-def cmd_status(args) -> None:
+def cmd_status(args: argparse.Namespace) -> None:
     state = load_state(args.lab)
     if not state:
         print(json.dumps({"lab": args.lab, "exists": False}))
         return
+    hosts: list[dict[str, object]] = []  # hosts.json entries with running, pid and system added
     for h in state["hosts"]:
-        h["running"] = host_running(args.lab, h["name"])
-        h["pid"] = host_pid(args.lab, h["name"])
-        if h["running"]:
-            h["system"] = (
+        running = host_running(args.lab, h["name"])
+        report: dict[str, object] = {**h, "running": running, "pid": host_pid(args.lab, h["name"])}
+        if running:
+            report["system"] = (
                 run(
                     ssh_cmd(state, h["address"], "systemctl is-system-running"),
                     check=False,
@@ -988,12 +1081,12 @@ def cmd_status(args) -> None:
                 ).stdout.strip()
                 or "unreachable"
             )
-    state["bridge_exists"] = link_exists(state["bridge"])
-    print(json.dumps(state, indent=2))
+        hosts.append(report)
+    print(json.dumps({**state, "hosts": hosts, "bridge_exists": link_exists(state["bridge"])}, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="lab.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="lab.py", description=(__doc__ or "").split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("images", help="build or refresh the cached base images")
     s.add_argument("--release", action="append", choices=RELEASES)
@@ -1041,9 +1134,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--lab", required=True)
     s.set_defaults(func=cmd_status)
     args = p.parse_args(argv)
-    if os.geteuid() != 0:
-        die("must run as root")
-    args.func(args)
+    try:
+        if os.geteuid() != 0:
+            raise LabError("must run as root")
+        args.func(args)
+    except LabError as e:
+        log(f"error: {e}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
