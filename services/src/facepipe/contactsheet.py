@@ -31,7 +31,7 @@ from facepipe.config import Option, choice, int_range, non_empty, parse_options,
 from facepipe.logsetup import setup_logging
 
 PROG: Final = "facepipe-contact-sheet"
-log = logging.getLogger("facepipe.contactsheet")
+log = logging.getLogger(__name__)
 
 OPTIONS: Final = (
     Option("s3_bucket", non_empty, None, "bucket face-writer stores into", required=True),

@@ -58,7 +58,7 @@ from facepipe.stats import Counters, StatsReporter, serve_metrics
 from facepipe.tracking import Observation, Tracker
 
 PROG: Final = "face-detector"
-log = logging.getLogger("facepipe.detector")
+log = logging.getLogger(__name__)
 
 ONLINE: Final = b"online"
 OFFLINE: Final = b"offline"

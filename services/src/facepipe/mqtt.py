@@ -15,6 +15,7 @@ import time
 from argparse import Namespace
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -24,7 +25,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from facepipe.config import read_secret
 
-log = logging.getLogger("facepipe.mqtt")
+log = logging.getLogger(__name__)
+# paho's packet log: setup_logging keeps it at WARNING unless the level is debug.
+PAHO_LOG: Final = log.getChild("paho")
 
 RECONNECT_MIN_DELAY = 1
 RECONNECT_MAX_DELAY = 30
@@ -127,7 +130,7 @@ class MqttSession:
             clean_session=None if settings.v5 else not durable,
             manual_ack=manual_ack,
         )
-        self.client.enable_logger(logging.getLogger("facepipe.paho"))
+        self.client.enable_logger(PAHO_LOG)
         self.client.reconnect_delay_set(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY)
         self.client.max_inflight_messages_set(max_inflight)
         self.client.max_queued_messages_set(max_queued)

@@ -54,7 +54,7 @@ from facepipe.s3store import BLOCKED, REFUSED, S3Failure, S3PutError, S3Store, b
 from facepipe.stats import Counters, StatsReporter, serve_metrics
 
 PROG: Final = "face-writer"
-log = logging.getLogger("facepipe.writer")
+log = logging.getLogger(__name__)
 
 MIB: Final = 1024 * 1024
 DAY: Final = 86400.0
