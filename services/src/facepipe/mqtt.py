@@ -12,7 +12,6 @@ import socket
 import ssl
 import threading
 import time
-from argparse import Namespace
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -23,7 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from facepipe.config import read_secret
+from facepipe.config import MqttConfig, read_secret
 
 log = logging.getLogger(__name__)
 # paho's packet log: setup_logging keeps it at WARNING unless the level is debug.
@@ -46,21 +45,21 @@ class MqttSettings:
     keepalive: int
 
     @classmethod
-    def from_options(cls, opts: Namespace, default_client_id: str) -> MqttSettings:
+    def from_config(cls, cfg: MqttConfig, default_client_id: str) -> MqttSettings:
         password = read_secret(
-            opts.mqtt_password_file,
+            cfg.mqtt_password_file,
             "mqtt-password",
             "--mqtt-password-file / FACEPIPE_MQTT_PASSWORD_FILE",
         )
         return cls(
-            host=opts.mqtt_host,
-            port=opts.mqtt_port,
-            username=opts.mqtt_username,
+            host=cfg.mqtt_host,
+            port=cfg.mqtt_port,
+            username=cfg.mqtt_username,
             password=password,
-            tls_ca=str(opts.mqtt_tls_ca) if opts.mqtt_tls_ca else None,
-            client_id=opts.mqtt_client_id or default_client_id,
-            protocol=opts.mqtt_protocol,
-            keepalive=opts.mqtt_keepalive,
+            tls_ca=str(cfg.mqtt_tls_ca) if cfg.mqtt_tls_ca else None,
+            client_id=cfg.mqtt_client_id or default_client_id,
+            protocol=cfg.mqtt_protocol,
+            keepalive=cfg.mqtt_keepalive,
         )
 
     @property
