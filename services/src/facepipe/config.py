@@ -1,9 +1,10 @@
 """Options: every setting is a CLI flag and a ``FACEPIPE_<NAME>`` environment variable.
 
-Flags win over the environment, the environment over defaults. A bad or missing option raises
-:class:`ConfigError`, which :func:`run_main` turns into one line on stderr and exit status 2.
-Secrets are never options themselves: they are read from files, or from systemd's
-``$CREDENTIALS_DIRECTORY`` when the unit passes them with ``LoadCredential=``.
+Flags win over the environment, the environment over defaults. A ``FACEPIPE_*`` variable that
+is not an option of the program is refused (a misspelt setting must not be silently ignored).
+A bad or missing option raises :class:`ConfigError`, which :func:`run_main` turns into one line
+on stderr and exit status 2. Secrets are never options themselves: they are read from files, or
+from systemd's ``$CREDENTIALS_DIRECTORY`` when the unit passes them with ``LoadCredential=``.
 
 A program's :class:`Option` list owns each option's name, parser, default and help. A frozen
 dataclass registered with :func:`config_of` gives the parsed values their types: its fields
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import socket
 import sys
@@ -346,6 +348,20 @@ def parse_config_and_arguments(
     return build_config(cls, values), arguments
 
 
+def unknown_settings(prog: str, options: Sequence[Option], environ: Mapping[str, str]) -> str:
+    """'' if every ``FACEPIPE_*`` variable in ``environ`` is an option of the program, else
+    one line naming the others (with the closest option name, if one is close)."""
+    known = {opt.env: opt for opt in options}
+    problems = []
+    for name in sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known):
+        close = difflib.get_close_matches(
+            name.removeprefix(ENV_PREFIX), [env.removeprefix(ENV_PREFIX) for env in known], n=1
+        )
+        hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+        problems.append(f"unknown setting {name} (not an option of {prog}{hint})")
+    return "; ".join(problems)
+
+
 def _parse(
     prog: str,
     description: str,
@@ -360,7 +376,8 @@ def _parse(
     parser = _Parser(
         prog=prog,
         description=description,
-        epilog="Every flag can also be set as FACEPIPE_<NAME> in the environment; flags win.",
+        epilog="Every flag can also be set as FACEPIPE_<NAME> in the environment; flags win. "
+        "Other FACEPIPE_* variables are refused.",
     )
     for opt in options:
         default_text = "" if opt.default is None else f" (default: {opt.default})"
@@ -376,6 +393,9 @@ def _parse(
     if positional:
         parser.add_argument(positional, nargs="*", metavar=positional.upper())
     raw = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    unknown = unknown_settings(prog, options, env)
+    if unknown:
+        raise ConfigError(unknown)
     values: dict[str, Any] = {}
     for opt in options:
         text = getattr(raw, opt.name)
