@@ -28,11 +28,11 @@ sys.path.insert(0, str(HERE))
 from bench_writer import start_mosquitto  # noqa: E402
 from writer_helpers import jpeg_bytes, make_face  # noqa: E402
 
-from facepipe.config import LOGGING_OPTIONS, MQTT_OPTIONS, parse_options  # noqa: E402
+from facepipe.config import parse_config  # noqa: E402
 from facepipe.delivery import (  # noqa: E402
     DELIVERY_COUNTERS,
     DELIVERY_GAUGES,
-    OUTBOX_OPTIONS,
+    PublisherConfig,
     start_publishing,
 )
 from facepipe.logsetup import setup_logging  # noqa: E402
@@ -66,12 +66,14 @@ def run(port: int, faces: list[tuple[str, bytes]], outbox: Path | None) -> dict[
     argv = [f"--mqtt-port={port}", "--mqtt-host=127.0.0.1", f"--mqtt-client-id=bench-{os.getpid()}"]
     if outbox is not None:
         argv.append(f"--outbox-dir={outbox}")
-    opts = parse_options("bench", "", [*OUTBOX_OPTIONS, *MQTT_OPTIONS, *LOGGING_OPTIONS], argv, {})
+    cfg = parse_config(PublisherConfig, "bench", "", argv, {})
     counters = Counters(
         ["published", "publish_dropped", "acked", *DELIVERY_COUNTERS], DELIVERY_GAUGES
     )
-    settings = MqttSettings.from_options(opts, default_client_id="bench")
-    publishing = start_publishing(opts, settings, device="bench-cam", counters=counters)
+    settings = MqttSettings.from_config(cfg.mqtt, default_client_id="bench")
+    publishing = start_publishing(
+        cfg.outbox, cfg.mqtt, settings, device="bench-cam", counters=counters
+    )
     publishing.session.start()
     publishing.session.wait_connected(10)
     device = device_of(outbox.parent) if outbox is not None else None

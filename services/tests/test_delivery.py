@@ -30,12 +30,12 @@ from test_writer import (
 from writer_helpers import jpeg_bytes, make_face
 
 from facepipe import contract
-from facepipe.config import LOGGING_OPTIONS, MQTT_OPTIONS, parse_options
+from facepipe.config import parse_config
 from facepipe.delivery import (
     DELIVERY_COUNTERS,
     DELIVERY_GAUGES,
-    OUTBOX_OPTIONS,
     Delivery,
+    PublisherConfig,
     start_publishing,
 )
 from facepipe.mqtt import MqttSettings
@@ -275,12 +275,12 @@ def publishing_for(broker: Broker, outbox: Path | None, **extra: str):
     if outbox is not None:
         argv.append(f"--outbox-dir={outbox}")
     argv += [f"--{k.replace('_', '-')}={v}" for k, v in extra.items()]
-    opts = parse_options("test", "", [*OUTBOX_OPTIONS, *MQTT_OPTIONS, *LOGGING_OPTIONS], argv, {})
+    cfg = parse_config(PublisherConfig, "test", "", argv, {})
     counters = Counters(
         ["published", "publish_dropped", "acked", *DELIVERY_COUNTERS], DELIVERY_GAUGES
     )
-    settings = MqttSettings.from_options(opts, default_client_id="unused")
-    pub = start_publishing(opts, settings, device=DEVICE, counters=counters)
+    settings = MqttSettings.from_config(cfg.mqtt, default_client_id="unused")
+    pub = start_publishing(cfg.outbox, cfg.mqtt, settings, device=DEVICE, counters=counters)
     pub.session.start()
     assert pub.session.wait_connected(10)
     return pub, counters

@@ -17,7 +17,7 @@ from conftest import Broker, program_env, start_program, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 from writer_helpers import FACE_TIME_BASE, Publisher, final_counter, jpeg_bytes, log_text, make_face
 
-from facepipe import config, contract
+from facepipe import contract
 
 
 def writer_env(mosquitto, s3, **extra: str) -> dict[str, str]:
@@ -262,17 +262,6 @@ def test_password_from_credentials_directory(s3, tmp_path):
         assert "s3cret" not in log_text(log)
     finally:
         broker.stop()
-
-
-def test_read_secret_prefers_credentials_directory(tmp_path):
-    creds = tmp_path / "creds"
-    creds.mkdir()
-    (creds / "mqtt-password").write_text("from-systemd\n")
-    other = tmp_path / "pw"
-    other.write_text("from-file\n")
-    env = {"CREDENTIALS_DIRECTORY": str(creds)}
-    assert config.read_secret(str(other), "mqtt-password", "x", env) == "from-systemd"
-    assert config.read_secret(str(other), "mqtt-password", "x", {}) == "from-file"
 
 
 @pytest.mark.parametrize(

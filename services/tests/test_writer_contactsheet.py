@@ -38,10 +38,16 @@ def fill_bucket(s3) -> list[contract.FaceMeta]:
     return metas
 
 
+def sheet_env(s3) -> dict[str, str]:
+    env = program_env(s3.env)
+    del env["FACEPIPE_STATS_INTERVAL"]  # not an option of the contact sheet: it would be refused
+    return env
+
+
 def make_sheet(s3, out: Path, *args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "facepipe.contactsheet", "--output", str(out), *args],
-        env=program_env(s3.env),
+        env=sheet_env(s3),
         capture_output=True,
         text=True,
         timeout=60,

@@ -30,8 +30,8 @@ import cv2
 import numpy as np
 import paho.mqtt.client as paho
 from facepipe import contract
-from facepipe.config import LOGGING_OPTIONS, MQTT_OPTIONS, parse_options
-from facepipe.delivery import DELIVERY_COUNTERS, DELIVERY_GAUGES, OUTBOX_OPTIONS, start_publishing
+from facepipe.config import parse_config
+from facepipe.delivery import DELIVERY_COUNTERS, DELIVERY_GAUGES, PublisherConfig, start_publishing
 from facepipe.logsetup import setup_logging
 from facepipe.mqtt import MqttSettings
 from facepipe.stats import Counters, format_counters
@@ -76,11 +76,11 @@ def loadgen(args: argparse.Namespace) -> int:
     argv = [f"--mqtt-client-id=fp-{name}-{args.device}", "--stats-interval=10"]
     if not args.direct:
         argv += [f"--outbox-dir={state_dir / 'outbox'}", f"--bridge-state-topic={args.bridge_state_topic}"]
-    opts = parse_options("loadgen", "", [*OUTBOX_OPTIONS, *MQTT_OPTIONS, *LOGGING_OPTIONS], argv, {})
+    cfg = parse_config(PublisherConfig, "loadgen", "", argv, {})
     setup_logging("info")
     counters = Counters(["published", "publish_dropped", "acked", *DELIVERY_COUNTERS], DELIVERY_GAUGES)
-    settings = MqttSettings.from_options(opts, default_client_id="unused")
-    publishing = start_publishing(opts, settings, device=args.device, counters=counters)
+    settings = MqttSettings.from_config(cfg.mqtt, default_client_id="unused")
+    publishing = start_publishing(cfg.outbox, cfg.mqtt, settings, device=args.device, counters=counters)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     publishing.session.start()

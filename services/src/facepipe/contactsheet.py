@@ -27,11 +27,19 @@ import numpy as np
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from facepipe.config import Option, choice, int_range, non_empty, parse_options, run_main
+from facepipe.config import (
+    LOG_LEVEL,
+    Option,
+    config_of,
+    int_range,
+    non_empty,
+    parse_config,
+    run_main,
+)
 from facepipe.logsetup import setup_logging
 
 PROG: Final = "facepipe-contact-sheet"
-log = logging.getLogger("facepipe.contactsheet")
+log = logging.getLogger(__name__)
 
 OPTIONS: Final = (
     Option("s3_bucket", non_empty, None, "bucket face-writer stores into", required=True),
@@ -40,8 +48,20 @@ OPTIONS: Final = (
     Option("limit", int_range(1, 5000), 200, "show the newest N faces"),
     Option("thumb_size", int_range(16, 1024), 160, "longest side of a thumbnail (pixels)"),
     Option("title", non_empty, "facepipe faces", "page title"),
-    Option("log_level", choice("debug", "info", "warning", "error"), "info", "log verbosity"),
+    LOG_LEVEL,
 )
+
+
+@config_of(OPTIONS)
+@dataclass(frozen=True)
+class ContactSheetConfig:
+    s3_bucket: str
+    s3_prefix: str
+    output: str
+    limit: int
+    thumb_size: int
+    title: str
+    log_level: str
 
 
 @dataclass(frozen=True)
@@ -199,18 +219,20 @@ def build(
 
 
 def run(argv: list[str] | None = None) -> int:
-    opts = parse_options(PROG, "Write an HTML contact sheet of stored faces.", OPTIONS, argv)
-    setup_logging(opts.log_level)
+    cfg = parse_config(
+        ContactSheetConfig, PROG, "Write an HTML contact sheet of stored faces.", argv
+    )
+    setup_logging(cfg.log_level)
     client = boto3.session.Session().client("s3", config=Config(max_pool_connections=10))
     try:
         page, shown = build(
-            client, opts.s3_bucket, opts.s3_prefix, opts.limit, opts.thumb_size, opts.title
+            client, cfg.s3_bucket, cfg.s3_prefix, cfg.limit, cfg.thumb_size, cfg.title
         )
     except (BotoCoreError, ClientError) as exc:
-        log.error("cannot read s3://%s/%s/: %s", opts.s3_bucket, opts.s3_prefix, exc)
+        log.error("cannot read s3://%s/%s/: %s", cfg.s3_bucket, cfg.s3_prefix, exc)
         return 1
-    write_atomically(Path(opts.output), page)
-    log.info("wrote %s with %d face(s)", opts.output, shown)
+    write_atomically(Path(cfg.output), page)
+    log.info("wrote %s with %d face(s)", cfg.output, shown)
     return 0
 
 

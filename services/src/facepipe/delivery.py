@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,18 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from facepipe import contract
-from facepipe.config import ConfigError, Option, float_range, int_range, non_empty
+from facepipe.config import (
+    LOGGING_OPTIONS,
+    MQTT_OPTIONS,
+    ConfigError,
+    LoggingConfig,
+    MqttConfig,
+    Option,
+    config_of,
+    float_range,
+    int_range,
+    non_empty,
+)
 from facepipe.mqtt import MqttSession, MqttSettings, Will
 from facepipe.outbox import Entry, Outbox, OutboxError
 from facepipe.stats import Counters
@@ -449,6 +459,33 @@ OUTBOX_OPTIONS: Final = (
 )
 
 
+@config_of(OUTBOX_OPTIONS)
+@dataclass(frozen=True)
+class OutboxConfig:
+    """The outbox and republishing (face-detector, facepipe-publish, other publishers)."""
+
+    outbox_dir: str | None
+    outbox_max_faces: int
+    outbox_max_bytes: int
+    outbox_max_age: float
+    ack_timeout: float
+    republish_rate: float
+    republish_window: int
+    bridge_state_topic: str | None
+
+
+# What a publishing program of its own needs (a third party's, the lab's load generator).
+PUBLISHER_OPTIONS: Final = (*OUTBOX_OPTIONS, *MQTT_OPTIONS, *LOGGING_OPTIONS)
+
+
+@config_of(PUBLISHER_OPTIONS)
+@dataclass(frozen=True)
+class PublisherConfig:
+    outbox: OutboxConfig
+    mqtt: MqttConfig
+    logging: LoggingConfig
+
+
 @dataclass
 class Publishing:
     """A publishing program's MQTT side: the session, the broker publisher, and the
@@ -481,7 +518,8 @@ class Publishing:
 
 
 def start_publishing(
-    opts: Namespace,
+    outbox_cfg: OutboxConfig,
+    mqtt_cfg: MqttConfig,
     settings: MqttSettings,
     *,
     device: str,
@@ -499,13 +537,13 @@ def start_publishing(
     we restart).
     """
     outbox = None
-    if opts.outbox_dir:
+    if outbox_cfg.outbox_dir:
         try:
             outbox = Outbox(
-                Path(opts.outbox_dir),
-                max_faces=opts.outbox_max_faces,
-                max_bytes=opts.outbox_max_bytes,
-                max_age=opts.outbox_max_age,
+                Path(outbox_cfg.outbox_dir),
+                max_faces=outbox_cfg.outbox_max_faces,
+                max_bytes=outbox_cfg.outbox_max_bytes,
+                max_age=outbox_cfg.outbox_max_age,
             )
         except OutboxError as exc:
             raise ConfigError(f"--outbox-dir / FACEPIPE_OUTBOX_DIR: {exc}") from None
@@ -515,8 +553,9 @@ def start_publishing(
         if holder:
             holder[0].handle(msg)
 
-    ack = contract.ack_topic(opts.topic_prefix, device)
-    subscriptions = [(ack, 1)] + ([(opts.bridge_state_topic, 1)] if opts.bridge_state_topic else [])
+    ack = contract.ack_topic(mqtt_cfg.topic_prefix, device)
+    state_topic = outbox_cfg.bridge_state_topic
+    subscriptions = [(ack, 1)] + ([(state_topic, 1)] if state_topic else [])
     session = MqttSession(
         settings,
         durable=outbox is not None if durable is None else durable,
@@ -526,7 +565,11 @@ def start_publishing(
         max_queued=max_queued,
     )
     publisher = BrokerPublisher(
-        session, contract.face_topic(opts.topic_prefix, device), opts.qos, max_pending, counters
+        session,
+        contract.face_topic(mqtt_cfg.topic_prefix, device),
+        mqtt_cfg.qos,
+        max_pending,
+        counters,
     )
     delivery = None
     if outbox is not None:
@@ -534,11 +577,11 @@ def start_publishing(
             publisher,
             outbox,
             ack_topic=ack,
-            bridge_state_topic=opts.bridge_state_topic,
+            bridge_state_topic=state_topic,
             counters=counters,
-            ack_timeout=opts.ack_timeout,
-            window=opts.republish_window,
-            rate=opts.republish_rate,
+            ack_timeout=outbox_cfg.ack_timeout,
+            window=outbox_cfg.republish_window,
+            rate=outbox_cfg.republish_rate,
             resend_leftovers=resend_leftovers,
         )
         holder.append(delivery)

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
-from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Final
 
 import cv2
@@ -32,14 +32,17 @@ from facepipe.boxes import Box
 from facepipe.config import (
     LOGGING_OPTIONS,
     MQTT_OPTIONS,
+    LoggingConfig,
+    MqttConfig,
     Option,
+    config_of,
     device_id,
     existing_file,
     float_range,
     int_range,
     non_empty,
     parse_bool,
-    parse_options,
+    parse_config,
     resolve_device_id,
     run_main,
 )
@@ -47,6 +50,7 @@ from facepipe.delivery import (
     DELIVERY_COUNTERS,
     DELIVERY_GAUGES,
     OUTBOX_OPTIONS,
+    OutboxConfig,
     start_publishing,
 )
 from facepipe.detection import Detector, HaarDetector, YuNetDetector, crop_quality, set_threads
@@ -58,7 +62,7 @@ from facepipe.stats import Counters, StatsReporter, serve_metrics
 from facepipe.tracking import Observation, Tracker
 
 PROG: Final = "face-detector"
-log = logging.getLogger("facepipe.detector")
+log = logging.getLogger(__name__)
 
 ONLINE: Final = b"online"
 OFFLINE: Final = b"offline"
@@ -121,6 +125,38 @@ OPTIONS: Final = (
     *LOGGING_OPTIONS,
 )
 
+
+@config_of(OPTIONS)
+@dataclass(frozen=True)
+class DetectorConfig:
+    source: str
+    device_id: str | None
+    realtime: bool
+    loop: bool
+    fps: float
+    min_interval: float
+    jpeg_quality: int
+    crop_margin: float
+    detect_width: int
+    scale_factor: float
+    min_neighbors: int
+    min_size: int
+    equalize: bool
+    cascade: Path | None
+    model: Path | None
+    score_threshold: float
+    min_hits: int
+    max_missed: int
+    iou_threshold: float
+    threads: int
+    max_bytes: int
+    max_queued: int
+    drain_timeout: float
+    outbox: OutboxConfig
+    mqtt: MqttConfig
+    logging: LoggingConfig
+
+
 COUNTERS: Final = (
     "frames",
     "dropped",
@@ -153,21 +189,21 @@ def crop_face(frame: np.ndarray, box: Box, margin: float) -> Crop | None:
     return Crop(face, image)
 
 
-def build_detector(opts: Namespace) -> Detector:
-    if opts.model is not None:
+def build_detector(cfg: DetectorConfig) -> Detector:
+    if cfg.model is not None:
         return YuNetDetector(
-            opts.model,
-            score_threshold=opts.score_threshold,
-            min_size=opts.min_size,
-            detect_width=opts.detect_width,
+            cfg.model,
+            score_threshold=cfg.score_threshold,
+            min_size=cfg.min_size,
+            detect_width=cfg.detect_width,
         )
     return HaarDetector(
-        opts.cascade,
-        scale_factor=opts.scale_factor,
-        min_neighbors=opts.min_neighbors,
-        min_size=opts.min_size,
-        detect_width=opts.detect_width,
-        equalize=opts.equalize,
+        cfg.cascade,
+        scale_factor=cfg.scale_factor,
+        min_neighbors=cfg.min_neighbors,
+        min_size=cfg.min_size,
+        detect_width=cfg.detect_width,
+        equalize=cfg.equalize,
     )
 
 
@@ -180,16 +216,16 @@ class Pipeline:
         tracker: Tracker[tuple[Crop, datetime]],
         publish: Callable[[str, bytes], bool],
         device: str,
-        opts: Namespace,
+        cfg: DetectorConfig,
         counters: Counters,
     ) -> None:
         self.detector = detector
         self.tracker = tracker
         self.publish = publish
         self.device = device
-        self.margin = opts.crop_margin
-        self.quality = opts.jpeg_quality
-        self.max_bytes = opts.max_bytes
+        self.margin = cfg.crop_margin
+        self.quality = cfg.jpeg_quality
+        self.max_bytes = cfg.max_bytes
         self.counters = counters
 
     def process(self, frame: Frame) -> int:
@@ -259,43 +295,46 @@ def encode_within(
 
 
 def run(argv: list[str] | None = None) -> int:
-    opts = parse_options(PROG, "Detect faces and publish them to MQTT.", OPTIONS, argv)
-    device = resolve_device_id(opts.device_id)
-    settings = MqttSettings.from_options(opts, default_client_id=f"{PROG}-{device}")
-    setup_logging(opts.log_level)
+    cfg = parse_config(DetectorConfig, PROG, "Detect faces and publish them to MQTT.", argv)
+    device = resolve_device_id(cfg.device_id)
+    settings = MqttSettings.from_config(cfg.mqtt, default_client_id=f"{PROG}-{device}")
+    setup_logging(cfg.logging.log_level)
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # we log source states
-    set_threads(opts.threads)
-    if opts.qos == 0:
+    set_threads(cfg.threads)
+    if cfg.mqtt.qos == 0:
         log.warning("--qos 0: faces may be lost on the way to the broker")
-    detector = build_detector(opts)
-    source = open_source(opts.source, realtime=opts.realtime, loop=opts.loop, fps=opts.fps)
+    detector = build_detector(cfg)
+    source = open_source(cfg.source, realtime=cfg.realtime, loop=cfg.loop, fps=cfg.fps)
 
     counters = Counters([*COUNTERS, *DELIVERY_COUNTERS], ["pending", "source_up", *DELIVERY_GAUGES])
     notifier = Notifier()
     stop = stop_on_signals()
 
-    status = contract.status_topic(opts.topic_prefix, device)
+    status = contract.status_topic(cfg.mqtt.topic_prefix, device)
     publishing = start_publishing(
-        opts,
+        cfg.outbox,
+        cfg.mqtt,
         settings,
         device=device,
         counters=counters,
         will=Will(status, OFFLINE, qos=1, retain=True),
         # Live: paho's queue is the bound (beyond it a face waits in the outbox, or without
         # one is dropped and counted). Files: unbounded in paho, bounded by wait_room.
-        max_queued=opts.max_queued if source.live else 0,
-        max_pending=opts.max_queued,
+        max_queued=cfg.max_queued if source.live else 0,
+        max_pending=cfg.max_queued,
     )
     session, publisher = publishing.session, publishing.publisher
     tracker: Tracker[tuple[Crop, datetime]] = Tracker(
-        min_interval=opts.min_interval,
-        iou_threshold=opts.iou_threshold,
-        min_hits=opts.min_hits,
-        max_missed=opts.max_missed,
+        min_interval=cfg.min_interval,
+        iou_threshold=cfg.iou_threshold,
+        min_hits=cfg.min_hits,
+        max_missed=cfg.max_missed,
     )
-    pipeline = Pipeline(detector, tracker, publishing.submit, device, opts, counters)
-    if opts.metrics_port:
-        serve_metrics("facepipe_detector", counters, opts.metrics_address, opts.metrics_port)
+    pipeline = Pipeline(detector, tracker, publishing.submit, device, cfg, counters)
+    if cfg.logging.metrics_port:
+        serve_metrics(
+            "facepipe_detector", counters, cfg.logging.metrics_address, cfg.logging.metrics_port
+        )
 
     log.info(
         "device %s: %s (%s) -> %s with %s",
@@ -308,7 +347,9 @@ def run(argv: list[str] | None = None) -> int:
     session.start()
     session.wait_connected(2.0)
     notifier.ready("connected" if session.connected.is_set() else "connecting to the broker")
-    reporter = StatsReporter(counters, opts.stats_interval, notifier.status, {"frames": "fps"})
+    reporter = StatsReporter(
+        counters, cfg.logging.stats_interval, notifier.status, {"frames": "fps"}
+    )
     announced = 0
 
     def tick() -> None:
@@ -346,7 +387,7 @@ def run(argv: list[str] | None = None) -> int:
 
     notifier.stopping()
     _sync_source_counters(source, counters)
-    drained = publisher.drain(stop, opts.drain_timeout, tick, publishing.unfinished)
+    drained = publisher.drain(stop, cfg.drain_timeout, tick, publishing.unfinished)
     if not drained:
         log.warning("%d message(s) not acknowledged before the drain timeout", publisher.pending())
     if session.connected.is_set():

@@ -31,7 +31,7 @@ import numpy as np
 
 from facepipe.config import ConfigError
 
-log = logging.getLogger("facepipe.frames")
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm"}

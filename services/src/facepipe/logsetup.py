@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from facepipe.mqtt import PAHO_LOG
+
 
 def setup_logging(level: str) -> None:
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
@@ -18,8 +20,6 @@ def setup_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # paho logs every packet at DEBUG; keep it quiet unless asked for.
-    logging.getLogger("facepipe.paho").setLevel(
-        logging.DEBUG if level == "debug" else logging.WARNING
-    )
+    PAHO_LOG.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     logging.getLogger("botocore").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)

@@ -12,9 +12,9 @@ import socket
 import ssl
 import threading
 import time
-from argparse import Namespace
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -22,9 +22,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from facepipe.config import read_secret
+from facepipe.config import MqttConfig, read_secret
 
-log = logging.getLogger("facepipe.mqtt")
+log = logging.getLogger(__name__)
+# paho's packet log: setup_logging keeps it at WARNING unless the level is debug.
+PAHO_LOG: Final = log.getChild("paho")
 
 RECONNECT_MIN_DELAY = 1
 RECONNECT_MAX_DELAY = 30
@@ -43,21 +45,21 @@ class MqttSettings:
     keepalive: int
 
     @classmethod
-    def from_options(cls, opts: Namespace, default_client_id: str) -> MqttSettings:
+    def from_config(cls, cfg: MqttConfig, default_client_id: str) -> MqttSettings:
         password = read_secret(
-            opts.mqtt_password_file,
+            cfg.mqtt_password_file,
             "mqtt-password",
             "--mqtt-password-file / FACEPIPE_MQTT_PASSWORD_FILE",
         )
         return cls(
-            host=opts.mqtt_host,
-            port=opts.mqtt_port,
-            username=opts.mqtt_username,
+            host=cfg.mqtt_host,
+            port=cfg.mqtt_port,
+            username=cfg.mqtt_username,
             password=password,
-            tls_ca=str(opts.mqtt_tls_ca) if opts.mqtt_tls_ca else None,
-            client_id=opts.mqtt_client_id or default_client_id,
-            protocol=opts.mqtt_protocol,
-            keepalive=opts.mqtt_keepalive,
+            tls_ca=str(cfg.mqtt_tls_ca) if cfg.mqtt_tls_ca else None,
+            client_id=cfg.mqtt_client_id or default_client_id,
+            protocol=cfg.mqtt_protocol,
+            keepalive=cfg.mqtt_keepalive,
         )
 
     @property
@@ -127,7 +129,7 @@ class MqttSession:
             clean_session=None if settings.v5 else not durable,
             manual_ack=manual_ack,
         )
-        self.client.enable_logger(logging.getLogger("facepipe.paho"))
+        self.client.enable_logger(PAHO_LOG)
         self.client.reconnect_delay_set(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY)
         self.client.max_inflight_messages_set(max_inflight)
         self.client.max_queued_messages_set(max_queued)

@@ -15,7 +15,7 @@ import threading
 import time
 from types import FrameType
 
-log = logging.getLogger("facepipe.notify")
+log = logging.getLogger(__name__)
 
 
 class Notifier:

@@ -27,6 +27,7 @@ import logging
 import struct
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
@@ -37,16 +38,25 @@ from facepipe.config import (
     LOGGING_OPTIONS,
     MQTT_OPTIONS,
     ConfigError,
+    LoggingConfig,
+    MqttConfig,
     Option,
+    config_of,
     device_id,
     float_range,
     int_range,
     non_empty,
-    parse_options,
+    parse_config_and_arguments,
     resolve_device_id,
     run_main,
 )
-from facepipe.delivery import DELIVERY_COUNTERS, DELIVERY_GAUGES, OUTBOX_OPTIONS, start_publishing
+from facepipe.delivery import (
+    DELIVERY_COUNTERS,
+    DELIVERY_GAUGES,
+    OUTBOX_OPTIONS,
+    OutboxConfig,
+    start_publishing,
+)
 from facepipe.logsetup import setup_logging
 from facepipe.mqtt import MqttSettings
 from facepipe.stats import Counters, format_counters
@@ -66,6 +76,18 @@ OPTIONS: Final = (
     *MQTT_OPTIONS,
     *LOGGING_OPTIONS,
 )
+
+
+@config_of(OPTIONS)
+@dataclass(frozen=True)
+class PublishConfig:
+    device_id: str | None
+    detector: str
+    wait: float
+    max_bytes: int
+    outbox: OutboxConfig
+    mqtt: MqttConfig
+    logging: LoggingConfig
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:
@@ -125,18 +147,18 @@ def load_face(
 
 
 def run(argv: list[str] | None = None) -> int:
-    opts = parse_options(
-        PROG, "Publish faces with end-to-end delivery.", OPTIONS, argv, positional="files"
+    cfg, files = parse_config_and_arguments(
+        PublishConfig, PROG, "Publish faces with end-to-end delivery.", "files", argv
     )
-    if not opts.outbox_dir:
+    if not cfg.outbox.outbox_dir:
         raise ConfigError("--outbox-dir / FACEPIPE_OUTBOX_DIR is required")
-    device = resolve_device_id(opts.device_id)
-    window = contract.TimeWindow(max_age=timedelta(seconds=opts.outbox_max_age))
-    faces = [load_face(Path(f), device, opts.detector, opts.max_bytes, window) for f in opts.files]
+    device = resolve_device_id(cfg.device_id)
+    window = contract.TimeWindow(max_age=timedelta(seconds=cfg.outbox.outbox_max_age))
+    faces = [load_face(Path(f), device, cfg.detector, cfg.max_bytes, window) for f in files]
     if len({face_id for face_id, _ in faces}) != len(faces):
         raise ConfigError("two files hold the same face (the same face id)")
-    settings = MqttSettings.from_options(opts, default_client_id=f"{PROG}-{device}")
-    setup_logging(opts.log_level)
+    settings = MqttSettings.from_config(cfg.mqtt, default_client_id=f"{PROG}-{device}")
+    setup_logging(cfg.logging.log_level)
     counters = Counters(
         ["published", "publish_dropped", "publish_refused", "acked", *DELIVERY_COUNTERS],
         DELIVERY_GAUGES,
@@ -144,7 +166,13 @@ def run(argv: list[str] | None = None) -> int:
     # Not durable: acknowledgements would pile up for us in the broker between runs; a run
     # sends again whatever still waits instead.
     publishing = start_publishing(
-        opts, settings, device=device, counters=counters, resend_leftovers=True, durable=False
+        cfg.outbox,
+        cfg.mqtt,
+        settings,
+        device=device,
+        counters=counters,
+        resend_leftovers=True,
+        durable=False,
     )
     delivery = publishing.delivery
     assert delivery is not None
@@ -156,7 +184,7 @@ def run(argv: list[str] | None = None) -> int:
     ):
         publishing.close()
         raise ConfigError(
-            f"--outbox-dir {opts.outbox_dir}: {len(new)} more faces do not fit "
+            f"--outbox-dir {cfg.outbox.outbox_dir}: {len(new)} more faces do not fit "
             f"({outbox.depth} wait; at most {outbox.max_faces} faces, {outbox.max_bytes} bytes)"
         )
     try:
@@ -165,10 +193,10 @@ def run(argv: list[str] | None = None) -> int:
             counters.inc("accepted")
     except (OSError, ValueError) as exc:
         publishing.close()
-        log.error("cannot write the outbox %s: %s", opts.outbox_dir, exc)
+        log.error("cannot write the outbox %s: %s", cfg.outbox.outbox_dir, exc)
         return EXIT_FAILED
     publishing.session.start()
-    deadline = time.monotonic() + opts.wait
+    deadline = time.monotonic() + cfg.wait
     try:
         while delivery.outbox.depth and time.monotonic() < deadline:
             publishing.tick()
@@ -187,7 +215,9 @@ def run(argv: list[str] | None = None) -> int:
         )
         return EXIT_CONFIG
     if left:
-        log.warning("%d face(s) wait in %s for the cloud's acknowledgement", left, opts.outbox_dir)
+        log.warning(
+            "%d face(s) wait in %s for the cloud's acknowledgement", left, cfg.outbox.outbox_dir
+        )
         return EXIT_WAITING
     return 0
 

@@ -40,7 +40,7 @@ from botocore.exceptions import (
 
 from facepipe.contract import CONTENT_TYPE, printable
 
-log = logging.getLogger("facepipe.s3")
+log = logging.getLogger(__name__)
 
 REJECTED_CONTENT_TYPE: Final = "application/octet-stream"
 

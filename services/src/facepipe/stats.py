@@ -13,7 +13,7 @@ from prometheus_client.registry import Collector
 
 from facepipe.config import ConfigError
 
-log = logging.getLogger("facepipe.stats")
+log = logging.getLogger(__name__)
 
 
 class Counters:

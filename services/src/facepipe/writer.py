@@ -22,7 +22,6 @@ import queue
 import threading
 import time
 import uuid
-from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,12 +37,15 @@ from facepipe.config import (
     LOGGING_OPTIONS,
     MQTT_OPTIONS,
     ConfigError,
+    LoggingConfig,
+    MqttConfig,
     Option,
+    config_of,
     default_hostname,
     float_range,
     int_range,
     non_empty,
-    parse_options,
+    parse_config,
     run_main,
 )
 from facepipe.logsetup import setup_logging
@@ -54,7 +56,7 @@ from facepipe.s3store import BLOCKED, REFUSED, S3Failure, S3PutError, S3Store, b
 from facepipe.stats import Counters, StatsReporter, serve_metrics
 
 PROG: Final = "face-writer"
-log = logging.getLogger("facepipe.writer")
+log = logging.getLogger(__name__)
 
 MIB: Final = 1024 * 1024
 DAY: Final = 86400.0
@@ -125,6 +127,23 @@ OPTIONS: Final = (
     *MQTT_OPTIONS,
     *LOGGING_OPTIONS,
 )
+
+
+@config_of(OPTIONS)
+@dataclass(frozen=True)
+class WriterConfig:
+    s3_bucket: str
+    s3_prefix: str
+    share_group: str
+    max_bytes: int
+    max_age: float
+    max_future: float
+    max_attempts: int
+    set_aside_per_minute: int
+    workers: int
+    drain_timeout: float
+    mqtt: MqttConfig
+    logging: LoggingConfig
 
 
 @dataclass
@@ -583,42 +602,42 @@ class Writer:
         self.counters.inc("acked")
 
 
-def build_settings(opts: Namespace) -> MqttSettings:
-    if opts.qos != 1:
+def build_settings(cfg: MqttConfig) -> MqttSettings:
+    if cfg.qos != 1:
         raise ConfigError(
             "--qos / FACEPIPE_QOS: face-writer needs QoS 1 (acknowledge after storing); "
-            f"got {opts.qos}"
+            f"got {cfg.qos}"
         )
-    return MqttSettings.from_options(opts, default_client_id=f"{PROG}-{default_hostname()}")
+    return MqttSettings.from_config(cfg, default_client_id=f"{PROG}-{default_hostname()}")
 
 
 def run(argv: list[str] | None = None) -> int:
-    opts = parse_options(PROG, "Store face messages from MQTT in S3.", OPTIONS, argv)
-    settings = build_settings(opts)
-    setup_logging(opts.log_level)
+    cfg = parse_config(WriterConfig, PROG, "Store face messages from MQTT in S3.", argv)
+    settings = build_settings(cfg.mqtt)
+    setup_logging(cfg.logging.log_level)
 
     counters = Counters(
         ["received", "stored", "acked", "acks_sent", "retries", "rejected", "dropped"],
         ["in_flight"],
     )
     try:
-        store = S3Store(opts.s3_bucket, workers=opts.workers)
+        store = S3Store(cfg.s3_bucket, workers=cfg.workers)
     except (ValueError, BotoCoreError) as exc:  # e.g. a malformed AWS_ENDPOINT_URL
         raise ConfigError(f"S3 settings (boto3's AWS_* configuration): {exc}") from None
     writer = Writer(
         store,
-        topic_prefix=opts.topic_prefix,
-        s3_prefix=opts.s3_prefix,
-        max_bytes=opts.max_bytes,
-        workers=opts.workers,
+        topic_prefix=cfg.mqtt.topic_prefix,
+        s3_prefix=cfg.s3_prefix,
+        max_bytes=cfg.max_bytes,
+        workers=cfg.workers,
         counters=counters,
         window=contract.TimeWindow(
-            max_age=timedelta(seconds=opts.max_age), max_future=timedelta(seconds=opts.max_future)
+            max_age=timedelta(seconds=cfg.max_age), max_future=timedelta(seconds=cfg.max_future)
         ),
-        max_attempts=opts.max_attempts,
-        set_aside_per_minute=opts.set_aside_per_minute,
+        max_attempts=cfg.max_attempts,
+        set_aside_per_minute=cfg.set_aside_per_minute,
     )
-    subscription = contract.share_subscription(opts.share_group, opts.topic_prefix)
+    subscription = contract.share_subscription(cfg.share_group, cfg.mqtt.topic_prefix)
     session = MqttSession(
         settings,
         durable=True,
@@ -626,10 +645,10 @@ def run(argv: list[str] | None = None) -> int:
         subscriptions=[(subscription, 1)],
         on_message=writer.on_message,
         receive_maximum=writer.capacity,
-        maximum_packet_size=opts.max_bytes + PACKET_OVERHEAD,
+        maximum_packet_size=cfg.max_bytes + PACKET_OVERHEAD,
     )
     writer.session = session
-    acks = AckSender(opts.topic_prefix, counters)
+    acks = AckSender(cfg.mqtt.topic_prefix, counters)
     acks.session = session
     writer.acks = acks
     session.client.on_subscribe = _log_subscribed(subscription)
@@ -637,14 +656,16 @@ def run(argv: list[str] | None = None) -> int:
     notifier = Notifier()
     stop = stop_on_signals()
 
-    if opts.metrics_port:
-        serve_metrics("facepipe_writer", counters, opts.metrics_address, opts.metrics_port)
+    if cfg.logging.metrics_port:
+        serve_metrics(
+            "facepipe_writer", counters, cfg.logging.metrics_address, cfg.logging.metrics_port
+        )
     log.info(
         "storing faces from %s into %s/%s/ with %d workers",
         subscription,
         store.describe(),
-        opts.s3_prefix,
-        opts.workers,
+        cfg.s3_prefix,
+        cfg.workers,
     )
     writer.start()
     acks.start()
@@ -652,7 +673,9 @@ def run(argv: list[str] | None = None) -> int:
     session.wait_connected(5.0)
     notifier.ready("connected" if session.connected.is_set() else "connecting to the broker")
 
-    reporter = StatsReporter(counters, opts.stats_interval, notifier.status, {"stored": "per_s"})
+    reporter = StatsReporter(
+        counters, cfg.logging.stats_interval, notifier.status, {"stored": "per_s"}
+    )
     wedged = False
     while not stop.wait(0.5):
         counters.set_gauge("in_flight", writer.in_flight)
@@ -670,8 +693,8 @@ def run(argv: list[str] | None = None) -> int:
     notifier.stopping()
     writer.stopping.set()
     pending = writer.in_flight
-    log.info("finishing %d in-flight message(s) (up to %.0fs)", pending, opts.drain_timeout)
-    if not writer.drain(opts.drain_timeout):
+    log.info("finishing %d in-flight message(s) (up to %.0fs)", pending, cfg.drain_timeout)
+    if not writer.drain(cfg.drain_timeout):
         log.warning(
             "%d message(s) not stored in time; left unacknowledged for redelivery",
             writer.in_flight,
