@@ -322,3 +322,15 @@ def test_the_roles_set_only_options_of_their_program(role, program):
     }
     assert named, f"no FACEPIPE_ variables found under {base}"
     assert named <= env_names(PROGRAMS[program][1]), sorted(named - env_names(PROGRAMS[program][1]))
+
+
+def test_the_roles_device_id_grammar_is_the_contracts() -> None:
+    """The roles check device ids at play start with their own copy of the contract's grammar
+    (roles/facepipe_site/vars/main.yml); a device id one accepts and the other refuses would pass
+    the play and then have every face rejected, or the reverse."""
+    import yaml
+
+    from facepipe.contract import DEVICE_ID_RE
+
+    site_vars = yaml.safe_load((REPO / "roles" / "facepipe_site" / "vars" / "main.yml").read_text())
+    assert site_vars["__facepipe_site_device_id_pattern"] == DEVICE_ID_RE.pattern
