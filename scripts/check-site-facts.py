@@ -42,6 +42,12 @@ BASE: dict[str, Any] = {
 # (what breaks, where: group or host, variables, text the failure must contain)
 CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("nothing (control)", "all", {}, None),
+    ("renamed facts (control)", "all", {"facepipe_site_topic_prefix": "site-a/cams", "mqtt_pki_name": "a"}, None),
+    ("no size limit (control)", "all", {"mosquitto_message_size_limit": 0}, None),
+    ("a renamed device id (control)", "edge1", {"facepipe_site_device_id": "kitchen-cam.13"}, None),
+    ("a replaced variable", "edge", {"mosquitto_topic_prefix": "cams"}, "facepipe_site_topic_prefix instead"),
+    ("prefixes differing in case", "edge", {"facepipe_site_topic_prefix": "Faces"}, "disagree on facepipe_site"),
+    ("a bridge topic by hand", "edge", {"mosquitto_bridge_topics": ["faces/# out 1"]}, "mosquitto_bridge_topics"),
     ("two edges with one device id", "edge2", {"facepipe_site_device_id": "edge1"}, "share a device id"),
     ("a device id outside the grammar", "edge1", {"facepipe_site_device_id": "cam 1"}, "facepipe_site_device_id"),
     ("a wildcard topic prefix", "all", {"facepipe_site_topic_prefix": "faces/#"}, "facepipe_site_topic_prefix"),
