@@ -49,6 +49,7 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("prefixes differing in case", "edge", {"facepipe_site_topic_prefix": "Faces"}, "disagree on facepipe_site"),
     ("a bridge topic by hand", "edge", {"mosquitto_bridge_topics": ["faces/# out 1"]}, "mosquitto_bridge_topics"),
     ("two edges with one device id", "edge2", {"facepipe_site_device_id": "edge1"}, "share a device id"),
+    ("two edges with one client id", "edge", {"mosquitto_bridge_remote_clientid": "bridge-a"}, "share a client id"),
     ("a device id outside the grammar", "edge1", {"facepipe_site_device_id": "cam 1"}, "facepipe_site_device_id"),
     ("a wildcard topic prefix", "all", {"facepipe_site_topic_prefix": "faces/#"}, "facepipe_site_topic_prefix"),
     ("the edges' topic prefix alone", "edge", {"facepipe_site_topic_prefix": "cams"}, "disagree on facepipe_site"),
