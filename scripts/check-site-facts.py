@@ -46,6 +46,7 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("no size limit (control)", "all", {"mosquitto_message_size_limit": 0}, None),
     ("a renamed device id (control)", "edge1", {"facepipe_site_device_id": "kitchen-cam.13"}, None),
     ("a replaced variable", "edge", {"mosquitto_topic_prefix": "cams"}, "facepipe_site_topic_prefix instead"),
+    ("a setting moved to the env", "edge", {"face_detector_loop": True}, "face_detector_env: {FACEPIPE_LOOP"),
     ("prefixes differing in case", "edge", {"facepipe_site_topic_prefix": "Faces"}, "disagree on facepipe_site"),
     ("a bridge topic by hand", "edge", {"mosquitto_bridge_topics": ["faces/# out 1"]}, "mosquitto_bridge_topics"),
     ("two edges with one device id", "edge2", {"facepipe_site_device_id": "edge1"}, "share a device id"),
@@ -56,8 +57,8 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("the cloud's TLS port alone", "cloud", {"mosquitto_tls_listener_port": 8884}, "mosquitto_bridge_port"),
     ("the edges' size limit alone", "edge", {"mosquitto_message_size_limit": 2097152}, "mosquitto_message_size"),
     ("a detector limit above the broker's", "edge", {"face_detector_max_bytes": 2097152}, "face_detector_max_bytes"),
-    ("the device id in extra_env", "edge1", {"face_detector_extra_env": {"FACEPIPE_DEVICE_ID": "x"}}, "facepipe_site"),
-    ("the CA in extra_env", "cloud", {"face_writer_extra_env": {"FACEPIPE_MQTT_TLS_CA": "/x"}}, "mqtt_pki_ca_dest"),
+    ("the device id in the env", "edge1", {"face_detector_env": {"FACEPIPE_DEVICE_ID": "x"}}, "facepipe_site"),
+    ("the CA in the env", "cloud", {"face_writer_env": {"FACEPIPE_MQTT_TLS_CA": "/x"}}, "mqtt_pki_ca_dest"),
 ]
 
 
