@@ -59,6 +59,7 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("a detector limit above the broker's", "edge", {"face_detector_max_bytes": 2097152}, "face_detector_max_bytes"),
     ("the device id in the env", "edge1", {"face_detector_env": {"FACEPIPE_DEVICE_ID": "x"}}, "facepipe_site"),
     ("the CA in the env", "cloud", {"face_writer_env": {"FACEPIPE_MQTT_TLS_CA": "/x"}}, "mqtt_pki_ca_dest"),
+    ("a line break in an env name", "edge", {"face_detector_env": {"A=1\nB": 1}}, "environment names"),
 ]
 
 
