@@ -59,7 +59,10 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("a detector limit above the broker's", "edge", {"face_detector_max_bytes": 2097152}, "face_detector_max_bytes"),
     ("the device id in the env", "edge1", {"face_detector_env": {"FACEPIPE_DEVICE_ID": "x"}}, "facepipe_site"),
     ("the CA in the env", "cloud", {"face_writer_env": {"FACEPIPE_MQTT_TLS_CA": "/x"}}, "mqtt_pki_ca_dest"),
-    ("a line break in an env name", "edge", {"face_detector_env": {"A=1\nB": 1}}, "environment names"),
+    ("a line break in an env name", "edge", {"face_detector_env": {"A=1\nB": 1}}, "not names"),
+    ("a misspelt env name", "edge", {"face_detector_env": {"facepipe_loop": True}}, "not names"),
+    ("an env list", "cloud", {"face_writer_env": ["FACEPIPE_WORKERS=4"]}, "are mappings"),
+    ("the writer's MQTT host", "cloud", {"face_writer_mqtt_host": "broker"}, "the writer talks to the broker"),
 ]
 
 

@@ -311,7 +311,7 @@ def test_every_facepipe_variable_in_the_docs_is_an_option():
     ("role", "program"), [("face_detector", "face-detector"), ("face_writer", "face-writer")]
 )
 def test_the_roles_set_only_options_of_their_program(role, program):
-    """What a role renders into its env file (vars, defaults' extra_env examples, templates,
+    """What a role renders into its env file (vars, defaults' env mapping examples, templates,
     argument specs) must be options of the program reading it, or the service exits 2."""
     base = REPO / "roles" / role
     if not base.is_dir():
