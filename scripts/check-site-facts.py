@@ -49,6 +49,12 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("a setting moved to the env", "edge", {"face_detector_loop": True}, "face_detector_env: {FACEPIPE_LOOP"),
     ("prefixes differing in case", "edge", {"facepipe_site_topic_prefix": "Faces"}, "disagree on facepipe_site"),
     ("a bridge topic by hand", "edge", {"mosquitto_bridge_topics": ["faces/# out 1"]}, "mosquitto_bridge_topics"),
+    (
+        "faces bridged inward only",
+        "edge",
+        {"mosquitto_bridge_topics": ["faces/# in 1", "faces-ack/{{ inventory_hostname }} in 1"]},
+        "mosquitto_bridge_topics",
+    ),
     ("two edges with one device id", "edge2", {"facepipe_site_device_id": "edge1"}, "share a device id"),
     ("two edges with one client id", "edge", {"mosquitto_bridge_remote_clientid": "bridge-a"}, "share a client id"),
     ("a device id outside the grammar", "edge1", {"facepipe_site_device_id": "cam 1"}, "facepipe_site_device_id"),
