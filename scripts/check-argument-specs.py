@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""Every role variable is documented: defaults/main.yml == meta/argument_specs.yml == README.
+"""Every role variable is documented, and internal variables follow one naming convention.
 
 For each role under roles/: every key of defaults/main.yml must be an option of an entry point in
 meta/argument_specs.yml, every option must be prefixed with the role name, and the role's
-README.md must mention every option. Prints each problem and exits 1 if there is any.
+README.md must mention every option. Internal variables: computed ones (vars/main.yml, a task's
+vars:) are `_<role>_*`; registered results and set_fact facts are `__<role>_*`, except facts the role
+publishes for other roles (`<role>_*`, documented in its README). A task's vars: on an include_role
+are the included role's options and are left to its argument spec. Prints each problem and exits 1
+if there is any.
 """
 
 from __future__ import annotations
@@ -43,9 +47,48 @@ def check_role(role: Path) -> list[str]:
     return problems
 
 
+def _task_names(tasks: object, out: list[tuple[str, str]]) -> None:
+    """(kind, name) of every computed, registered and set_fact variable in a task list."""
+    for task in tasks if isinstance(tasks, list) else []:
+        if not isinstance(task, dict):
+            continue
+        if "ansible.builtin.include_role" not in task and "ansible.builtin.import_role" not in task:
+            out.extend(("computed", str(k)) for k in task.get("vars") or {})
+        if "register" in task:
+            out.append(("registered", str(task["register"])))
+        out.extend(("fact", str(k)) for k in task.get("ansible.builtin.set_fact") or {} if k != "cacheable")
+        for key in ("block", "rescue", "always"):
+            _task_names(task.get(key), out)
+
+
+def check_names(role: Path) -> list[str]:
+    name = role.name
+    problems: list[str] = []
+    names: list[tuple[str, str, str]] = []
+    vars_file = role / "vars" / "main.yml"
+    if vars_file.is_file():
+        names += [("computed", str(k), "vars/main.yml") for k in yaml.safe_load(vars_file.read_text()) or {}]
+    for sub in ("tasks", "handlers"):
+        for f in sorted((role / sub).glob("*.yml")):
+            found: list[tuple[str, str]] = []
+            _task_names(yaml.safe_load(f.read_text()), found)
+            names += [(kind, var, f"{sub}/{f.name}") for kind, var in found]
+    readme = (role / "README.md").read_text() if (role / "README.md").is_file() else ""
+    for kind, var, where in names:
+        if kind == "computed":
+            ok = var.startswith(f"_{name}_")
+            want = f"_{name}_*"
+        else:
+            ok = var.startswith(f"__{name}_") or (kind == "fact" and var.startswith(f"{name}_") and var in readme)
+            want = f"__{name}_*" + (f" (or a {name}_* fact its README documents)" if kind == "fact" else "")
+        if not ok:
+            problems.append(f"{name}: {kind} variable {var} in {where} is not named {want}")
+    return problems
+
+
 def main() -> int:
     roles = sorted(p for p in (ROOT / "roles").iterdir() if p.is_dir())
-    problems = [p for role in roles for p in check_role(role)]
+    problems = [p for role in roles for p in check_role(role) + check_names(role)]
     for problem in problems:
         print(problem)
     print(f"argument specs: {len(roles)} roles checked, {len(problems)} problems")

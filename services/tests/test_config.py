@@ -333,4 +333,4 @@ def test_the_roles_device_id_grammar_is_the_contracts() -> None:
     from facepipe.contract import DEVICE_ID_RE
 
     site_vars = yaml.safe_load((REPO / "roles" / "facepipe_site" / "vars" / "main.yml").read_text())
-    assert site_vars["__facepipe_site_device_id_pattern"] == DEVICE_ID_RE.pattern
+    assert site_vars["_facepipe_site_device_id_pattern"] == DEVICE_ID_RE.pattern
