@@ -6,7 +6,7 @@ Without ``--clip`` the sample clip is generated (needs scikit-image). Rows:
 
 - baseline: full-frame ``detectMultiScale(scaleFactor=1.1, minNeighbors=5)`` on every frame
   (what the scripts this project replaces did);
-- facepipe haar: :class:`facepipe.detection.HaarDetector` with the face-detector's defaults
+- facepipe haar: :class:`facepipe.finders.HaarFinder` with the face-detector's defaults
   (grey, downscaled to 320 px wide, mapped back);
 - facepipe pipeline: the same plus what the program does per frame (crop, sharpness, tracker;
   JPEG encoding only for the few published crops);
@@ -36,8 +36,8 @@ import numpy as np
 
 from facepipe import sampleclip
 from facepipe.boxes import Box
-from facepipe.detection import HaarDetector, YuNetDetector, crop_quality
 from facepipe.detector import crop_face
+from facepipe.finders import HaarFinder, YuNetFinder, crop_quality
 from facepipe.tracking import Observation, Tracker
 
 
@@ -64,7 +64,7 @@ def baseline_detector() -> Callable[[np.ndarray], list[Box]]:
     return detect
 
 
-def pipeline_step(detector: HaarDetector) -> Callable[[np.ndarray], list[Box]]:
+def pipeline_step(detector: HaarFinder) -> Callable[[np.ndarray], list[Box]]:
     tracker: Tracker = Tracker(min_interval=2.0)
     counter = iter(range(10**9))
 
@@ -131,14 +131,14 @@ def main() -> None:
         frames = load_frames(clip)
     assert len(frames) == truth.frames, "clip and truth disagree"
 
-    haar = HaarDetector()
+    haar = HaarFinder()
     rows: list[tuple[str, Callable[[np.ndarray], list[Box]]]] = [
         ("baseline full-frame haar (1.1, 5)", baseline_detector()),
         (f"facepipe {haar.name} @320px", haar.detect),
-        ("facepipe pipeline (detect+track+crop)", pipeline_step(HaarDetector())),
+        ("facepipe pipeline (detect+track+crop)", pipeline_step(HaarFinder())),
     ]
     if args.model:
-        yunet = YuNetDetector(args.model)
+        yunet = YuNetFinder(args.model)
         rows.append((f"facepipe {yunet.name} @320px", yunet.detect))
 
     h, w = frames[0].shape[:2]

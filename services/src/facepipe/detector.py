@@ -53,7 +53,7 @@ from facepipe.delivery import (
     OutboxConfig,
     start_publishing,
 )
-from facepipe.detection import Detector, HaarDetector, YuNetDetector, crop_quality, set_threads
+from facepipe.finders import FaceFinder, HaarFinder, YuNetFinder, crop_quality, set_threads
 from facepipe.frames import Frame, FrameSource, open_source
 from facepipe.logsetup import setup_logging
 from facepipe.mqtt import MqttSettings, Will
@@ -189,15 +189,15 @@ def crop_face(frame: np.ndarray, box: Box, margin: float) -> Crop | None:
     return Crop(face, image)
 
 
-def build_detector(cfg: DetectorConfig) -> Detector:
+def build_finder(cfg: DetectorConfig) -> FaceFinder:
     if cfg.model is not None:
-        return YuNetDetector(
+        return YuNetFinder(
             cfg.model,
             score_threshold=cfg.score_threshold,
             min_size=cfg.min_size,
             detect_width=cfg.detect_width,
         )
-    return HaarDetector(
+    return HaarFinder(
         cfg.cascade,
         scale_factor=cfg.scale_factor,
         min_neighbors=cfg.min_neighbors,
@@ -212,7 +212,7 @@ class Pipeline:
 
     def __init__(
         self,
-        detector: Detector,
+        detector: FaceFinder,
         tracker: Tracker[tuple[Crop, datetime]],
         publish: Callable[[str, bytes], bool],
         device: str,
@@ -303,7 +303,7 @@ def run(argv: list[str] | None = None) -> int:
     set_threads(cfg.threads)
     if cfg.mqtt.qos == 0:
         log.warning("--qos 0: faces may be lost on the way to the broker")
-    detector = build_detector(cfg)
+    detector = build_finder(cfg)
     source = open_source(cfg.source, realtime=cfg.realtime, loop=cfg.loop, fps=cfg.fps)
 
     counters = Counters([*COUNTERS, *DELIVERY_COUNTERS], ["pending", "source_up", *DELIVERY_GAUGES])

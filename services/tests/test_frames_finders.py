@@ -15,7 +15,7 @@ import pytest
 from facepipe import sampleclip
 from facepipe.boxes import Box
 from facepipe.config import ConfigError
-from facepipe.detection import HaarDetector, YuNetDetector, crop_quality, sharpness
+from facepipe.finders import HaarFinder, YuNetFinder, crop_quality, sharpness
 from facepipe.frames import ImageFolderSource, LiveSource, VideoFileSource, open_source
 
 
@@ -136,7 +136,7 @@ def test_haar_detector_on_the_sample_clip(clip_frames):
     """Downscaled detection finds >= 90% of the ground-truth faces and none elsewhere."""
     frames, truth = clip_frames
     cv2.setNumThreads(1)
-    detector = HaarDetector()
+    detector = HaarFinder()
     assert detector.name == "haar:frontalface_default"
     found = wanted = false_pos = 0
     for i in range(0, len(frames), 3):  # every third frame keeps the test short
@@ -160,18 +160,18 @@ def test_custom_cascade_path_and_bad_cascade(tmp_path):
             __import__("pathlib").Path(cv2.data.haarcascades) / "haarcascade_frontalface_alt2.xml"
         ).read_bytes()
     )
-    assert HaarDetector(cascade).name == "haar:custom"
+    assert HaarFinder(cascade).name == "haar:custom"
     bad = tmp_path / "bad.xml"
     bad.write_text("<nope/>")
     with pytest.raises(ConfigError, match="--cascade"):
-        HaarDetector(bad)
+        HaarFinder(bad)
 
 
 def test_bad_yunet_model_is_a_config_error(tmp_path):
     model = tmp_path / "model.onnx"
     model.write_bytes(b"not onnx")
     with pytest.raises(ConfigError, match="--model / FACEPIPE_MODEL"):
-        YuNetDetector(model)
+        YuNetFinder(model)
 
 
 def test_sharper_and_bigger_crops_score_higher():

@@ -1,4 +1,4 @@
-"""Face detectors: OpenCV's Haar cascade (default) or YuNet (``cv2.FaceDetectorYN``).
+"""Face finders (the algorithm face-detector runs): Haar cascade (default) or YuNet.
 
 Both detect on a downscaled copy of the frame (``detect_width`` pixels wide, 320 by default)
 and map the boxes back to source pixels: at 640x480 this is four times fewer pixels, which is
@@ -28,7 +28,7 @@ from facepipe.config import ConfigError
 DEFAULT_CASCADE = "haarcascade_frontalface_default.xml"
 
 
-class Detector(Protocol):
+class FaceFinder(Protocol):
     """What the detector program needs: a name for the metadata and ``detect``."""
 
     name: str
@@ -59,7 +59,7 @@ def _grey(frame: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
 
 
-class HaarDetector:
+class HaarFinder:
     def __init__(
         self,
         cascade: str | Path | None = None,
@@ -107,7 +107,7 @@ class HaarDetector:
         return boxes
 
 
-class YuNetDetector:
+class YuNetFinder:
     """``cv2.FaceDetectorYN`` with an ONNX model (e.g. face_detection_yunet_2023mar.onnx)."""
 
     def __init__(
