@@ -6,7 +6,8 @@ meta/argument_specs.yml, every option must be prefixed with the role name, and t
 README.md must mention every option. Internal variables: computed ones (vars/main.yml, a task's
 vars:) are `_<role>_*`; registered results and set_fact facts are `__<role>_*`, except facts the role
 publishes for other roles (`<role>_*`, documented in its README). A task's vars: on an include_role
-are the included role's options and are left to its argument spec. Prints each problem and exits 1
+must each be an option of the included role's entry point (argument specs do not refuse unknown
+names, so a misspelt one would silently fall back to a default). Prints each problem and exits 1
 if there is any.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -47,16 +49,40 @@ def check_role(role: Path) -> list[str]:
     return problems
 
 
+def _module(task: dict[str, Any], short: str) -> Any:
+    """The arguments of a task's module, under its FQCN, ansible.legacy or its short name."""
+    for key in (f"ansible.builtin.{short}", f"ansible.legacy.{short}", short):
+        if key in task:
+            return task[key]
+    return None
+
+
+def _options(role: Path, entry: str) -> set[str]:
+    specs = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text()) or {}
+    return set(((specs.get("argument_specs") or {}).get(entry) or {}).get("options") or {})
+
+
 def _task_names(tasks: object, out: list[tuple[str, str]]) -> None:
-    """(kind, name) of every computed, registered and set_fact variable in a task list."""
+    """(kind, name) of the computed, registered and set_fact variables and include_role vars in a task list."""
     for task in tasks if isinstance(tasks, list) else []:
         if not isinstance(task, dict):
             continue
-        if "ansible.builtin.include_role" not in task and "ansible.builtin.import_role" not in task:
+        include = _module(task, "include_role") or _module(task, "import_role")
+        if include is not None:
+            target = include if isinstance(include, dict) else {"name": str(include)}
+            entry = str(target.get("tasks_from") or "main")
+            out.extend((f"option:{target.get('name')}:{entry}", str(k)) for k in task.get("vars") or {})
+        else:
             out.extend(("computed", str(k)) for k in task.get("vars") or {})
         if "register" in task:
             out.append(("registered", str(task["register"])))
-        out.extend(("fact", str(k)) for k in task.get("ansible.builtin.set_fact") or {} if k != "cacheable")
+        facts = _module(task, "set_fact")
+        if isinstance(facts, str):  # free form: set_fact: a=1 b=2
+            facts = dict(pair.split("=", 1) for pair in facts.split() if "=" in pair)
+        out.extend(("fact", str(k)) for k in facts or {} if k != "cacheable")
+        loop_var = (task.get("loop_control") or {}).get("loop_var")
+        if loop_var:
+            out.append(("computed", str(loop_var)))
         for key in ("block", "rescue", "always"):
             _task_names(task.get(key), out)
 
@@ -65,24 +91,31 @@ def check_names(role: Path) -> list[str]:
     name = role.name
     problems: list[str] = []
     names: list[tuple[str, str, str]] = []
-    vars_file = role / "vars" / "main.yml"
-    if vars_file.is_file():
-        names += [("computed", str(k), "vars/main.yml") for k in yaml.safe_load(vars_file.read_text()) or {}]
+    for f in sorted((role / "vars").rglob("*.y*ml")) if (role / "vars").is_dir() else []:
+        where = str(f.relative_to(role))
+        names += [("computed", str(k), where) for k in yaml.safe_load(f.read_text()) or {}]
     for sub in ("tasks", "handlers"):
-        for f in sorted((role / sub).glob("*.yml")):
+        for f in sorted((role / sub).rglob("*.y*ml")) if (role / sub).is_dir() else []:
             found: list[tuple[str, str]] = []
             _task_names(yaml.safe_load(f.read_text()), found)
-            names += [(kind, var, f"{sub}/{f.name}") for kind, var in found]
+            names += [(kind, var, str(f.relative_to(role))) for kind, var in found]
     readme = (role / "README.md").read_text() if (role / "README.md").is_file() else ""
     for kind, var, where in names:
-        if kind == "computed":
-            ok = var.startswith(f"_{name}_")
+        if var.startswith("ansible_"):  # Ansible's own (connection, check mode, ...)
+            continue
+        if kind.startswith("option:"):
+            _, target, entry = kind.split(":")
+            ok = (ROOT / "roles" / target).is_dir() and var in _options(ROOT / "roles" / target, entry)
+            want = f"an option of {target}'s entry point {entry}"
+        elif kind == "computed":
+            ok = var.startswith(f"_{name}_") and not var.startswith(f"__{name}_")
             want = f"_{name}_*"
         else:
-            ok = var.startswith(f"__{name}_") or (kind == "fact" and var.startswith(f"{name}_") and var in readme)
+            documented = kind == "fact" and var.startswith(f"{name}_") and f"`{var}`" in readme
+            ok = var.startswith(f"__{name}_") or documented
             want = f"__{name}_*" + (f" (or a {name}_* fact its README documents)" if kind == "fact" else "")
         if not ok:
-            problems.append(f"{name}: {kind} variable {var} in {where} is not named {want}")
+            problems.append(f"{name}: {kind.split(':')[0]} variable {var} in {where} is not {want}")
     return problems
 
 

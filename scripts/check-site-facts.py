@@ -69,6 +69,10 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("a misspelt env name", "edge", {"face_detector_env": {"facepipe_loop": True}}, "not names"),
     ("an env list", "cloud", {"face_writer_env": ["FACEPIPE_WORKERS=4"]}, "are mappings"),
     ("the writer's MQTT host", "cloud", {"face_writer_mqtt_host": "broker"}, "the writer talks to the broker"),
+    ("an S3 secret in the env", "cloud", {"face_writer_env": {"AWS_SECRET_ACCESS_KEY": "x"}}, "never the env file"),
+    ("an S3 endpoint in the env", "cloud", {"face_writer_env": {"AWS_ENDPOINT_URL": "http://x"}}, "s3_endpoint_url"),
+    ("the old S3 key variable", "cloud", {"s3_credentials_access_key_id": "AKIA"}, "face_writer_s3_access_key_id"),
+    ("an internal unit setting", "cloud", {"facepipe_service_video_devices": True}, "facepipe_service is internal"),
 ]
 
 
