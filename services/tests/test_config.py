@@ -334,3 +334,35 @@ def test_the_roles_device_id_grammar_is_the_contracts() -> None:
 
     site_vars = yaml.safe_load((REPO / "roles" / "facepipe_site" / "vars" / "main.yml").read_text())
     assert site_vars["_facepipe_site_device_id_pattern"] == DEVICE_ID_RE.pattern
+
+
+def test_the_role_gives_the_camera_sandbox_to_what_the_detector_opens_as_a_camera() -> None:
+    """face_detector's unit gets the video devices and group only for sources its regex calls a
+    camera; a source the program opens as a camera but the role does not (e.g. udev's stable
+    /dev/v4l/by-id/... link) would be retried forever behind PrivateDevices=yes."""
+    import re
+
+    import yaml
+
+    from facepipe.frames import is_camera
+
+    role_vars = yaml.safe_load((REPO / "roles" / "face_detector" / "vars" / "main.yml").read_text())
+    expr = role_vars["_face_detector_camera"]
+    pattern = re.search(r"match\('([^']+)'\)", expr)
+    assert pattern, expr
+    sources = [
+        "/dev/video0",
+        "/dev/video12",
+        "0",
+        "3",
+        "/dev/v4l/by-id/usb-046d_HD_Pro_Webcam_C920-video-index0",
+        "/dev/v4l/by-path/platform-xhci-hcd.0-usb-0:1:1.0-video-index0",
+        " /dev/video0 ",
+        "/var/lib/facepipe/sample.avi",
+        "rtsp://cam.local/stream",
+        "/srv/frames",
+        "video0",
+        "",
+    ]
+    for source in sources:
+        assert bool(re.match(pattern.group(1), source.strip())) == is_camera(source), source

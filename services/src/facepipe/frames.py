@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -290,6 +291,13 @@ class LiveSource(FrameSource):
         self._thread.join(timeout=15)
 
 
+def is_camera(spec: str) -> bool:
+    """A V4L2 camera: a device index or any path under /dev (the face_detector role gives such a
+    source the video devices and group; tests/test_config.py proves the role agrees)."""
+    text = spec.strip()
+    return text.isdigit() or text.startswith("/dev/")
+
+
 def open_source(
     spec: str, *, realtime: bool = True, loop: bool = False, fps: float = 0.0
 ) -> FrameSource:
@@ -300,8 +308,10 @@ def open_source(
         raise ConfigError(f"{OPTION}: must not be empty")
     if text.isdigit():
         return LiveSource(int(text), f"camera {text}")
-    if text.startswith("/dev/"):
-        return LiveSource(text, f"camera {text}")
+    if is_camera(text):
+        # /dev/v4l/by-id/... and by-path/... are udev's stable names for /dev/videoN (whose numbers
+        # move between boots); V4L2 opens the device node, so resolve the link once, here.
+        return LiveSource(os.path.realpath(text), f"camera {text}")
     if "://" in text:
         scheme = text.split("://", 1)[0].lower()
         if scheme not in {"rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt"}:
