@@ -26,7 +26,11 @@ BASE: dict[str, Any] = {
         "children": {
             "cloud": {
                 "hosts": {"cloud1": {"ansible_host": "192.0.2.10"}},
-                "vars": {"face_writer_s3_bucket": "bucket"},
+                "vars": {
+                    "face_writer_s3_bucket": "bucket",
+                    "face_writer_mqtt_password": "not-a-real-password",
+                    "mosquitto_users": [{"name": "face-writer", "password": "not-a-real-password", "acl": "writer"}],
+                },
             },
             "edge": {
                 "hosts": {"edge1": {}, "edge2": {}},
@@ -73,6 +77,29 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("an S3 endpoint in the env", "cloud", {"face_writer_env": {"AWS_ENDPOINT_URL": "http://x"}}, "s3_endpoint_url"),
     ("the old S3 key variable", "cloud", {"s3_credentials_access_key_id": "AKIA"}, "face_writer_s3_access_key_id"),
     ("an internal unit setting", "cloud", {"facepipe_service_video_devices": True}, "facepipe_service is internal"),
+    ("the example's writer password", "cloud", {"face_writer_mqtt_password": "change-me-writer"}, "placeholder"),
+    ("the example's S3 key id", "cloud", {"face_writer_s3_access_key_id": "AKIAEXAMPLEEXAMPLE00"}, "s3_access_key_id"),
+    ("the example's bridge password", "edge2", {"mosquitto_bridge_remote_password": "change-me-till"}, "bridge_remote"),
+    ("no writer password", "cloud", {"face_writer_mqtt_password": ""}, "face_writer_mqtt_password is empty"),
+    (
+        "a wildcard user name",
+        "cloud",
+        {
+            "mosquitto_users": [
+                {"name": "face-writer", "password": "not-a-real-password", "acl": "writer"},
+                {"name": "#", "password": "x", "acl": "reader"},
+            ]
+        },
+        "'#'",
+    ),
+    ("a wildcard writer name", "cloud", {"face_writer_mqtt_username": "a+b"}, "face_writer_mqtt_username"),
+    ("the writer's password not the broker's", "cloud", {"face_writer_mqtt_password": "another"}, "same password"),
+    (
+        "the writer without the writer ACL",
+        "cloud",
+        {"mosquitto_users": [{"name": "face-writer", "password": "not-a-real-password", "acl": "reader"}]},
+        "acl: writer",
+    ),
 ]
 
 
