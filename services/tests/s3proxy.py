@@ -23,6 +23,7 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
 class Fault:
     status: int
     code: str
+    times: int | None = None  # answer this many PUTs, then let the object through; None: all
 
 
 @dataclass
@@ -30,6 +31,7 @@ class S3Proxy:
     upstream_port: int
     faults: dict[str, Fault] = field(default_factory=dict)  # key substring -> answer
     refused: list[str] = field(default_factory=list)  # (code, key) of every refusal, in order
+    lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
 
     @property
@@ -74,8 +76,13 @@ class S3Proxy:
                 if len(key.encode()) > S3_KEY_LIMIT:
                     self._error(400, "KeyTooLongError", key)
                     return False
-                for needle, fault in proxy.faults.items():
+                for needle, fault in list(proxy.faults.items()):
                     if needle in key:
+                        with proxy.lock:
+                            if fault.times is not None:
+                                if fault.times <= 0:
+                                    continue
+                                fault.times -= 1
                         self._error(fault.status, fault.code, key)
                         return False
                 return True

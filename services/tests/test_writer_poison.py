@@ -282,7 +282,31 @@ def test_an_s3_that_refuses_everything_is_an_outage_not_bad_faces(mosquitto, s3,
     assert during["acked"] == 0 and during["acks_sent"] == 0 and during["rejected"] == 0
     proxy.faults.clear()
     wait_for(lambda: len(s3.keys("faces/")) == 20, 60, "every face once the store takes them")
-    assert s3.keys("rejected/") == []
+    after = writer.metrics()
+    assert after["rejected"] == 0 and after["stored"] == 20
+    # A face whose copy S3 took in the instant the refusals ended is stored all the same; its
+    # copy is then a spare (see the next test), never a face set aside instead of stored.
+    assert len(s3.keys("rejected/")) == after.get("spare_copies", 0)
+    assert writer.stop() == 0
+    publisher.close()
+
+
+def test_a_refusal_that_ends_between_a_face_and_its_copy_leaves_the_face_stored(
+    mosquitto, s3, proxy, tmp_path
+):
+    """S3 refuses the face, then takes its copy under rejected/ (the refusal was S3-wide and
+    just ended): the face must still be stored under faces/ and acknowledged to its edge, not
+    filed as a face S3 will not take."""
+    writer = poison_writer(mosquitto, s3, proxy, tmp_path)
+    meta, payload = make_face(DEVICE, 1)
+    proxy.faults[meta.face_id] = Fault(400, "InvalidRequest", times=1)
+    publisher = Publisher(mosquitto.host, mosquitto.port)
+    publisher.publish_all([(TOPIC, payload)])
+    wait_for(lambda: face_stored(s3, meta), 30, "the face under faces/")
+    wait_for(lambda: writer.metrics().get("acks_sent", 0) >= 1, 10, "the edge told")
+    counters = writer.metrics()
+    assert counters["stored"] == 1 and counters["rejected"] == 0
+    assert counters["spare_copies"] == 1 and len(s3.keys("rejected/")) == 1
     assert writer.stop() == 0
     publisher.close()
 

@@ -405,10 +405,14 @@ class Writer:
         key = contract.face_key(self.s3_prefix, meta)
         metadata = contract.s3_metadata(meta)
         started = time.monotonic()
+
+        def put_face() -> None:
+            self.store.put_face(key, body, metadata)
+
         stored = self._put(
             index,
-            lambda: self.store.put_face(key, body, metadata),
-            lambda failure: self._give_up_face(job, meta, failure, started),
+            put_face,
+            lambda failure: self._give_up_face(job, meta, failure, started, put_face),
             self.max_attempts,
         )
         if stored:
@@ -447,12 +451,20 @@ class Writer:
                 raise _Abandoned
 
     def _give_up_face(
-        self, job: Job, meta: contract.FaceMeta, failure: S3Failure, started: float
+        self,
+        job: Job,
+        meta: contract.FaceMeta,
+        failure: S3Failure,
+        started: float,
+        put_face: Callable[[], None],
     ) -> bool:
         """A valid face S3 refused, or failed ``max_attempts`` times: end it, or not yet.
 
         Its whole message is kept under rejected/ if S3 takes that copy (then S3 works and the
-        face is the problem; the edge is told the face is in the bucket). Without a copy (over
+        face is the problem; the edge is told the face is in the bucket). The face itself is
+        tried once more right after its copy is taken: an S3 that refused or failed everything
+        may have recovered between the two PUTs, and then the face belongs under faces/ (it
+        is stored there, and the copy is a spare, counted as ``spare_copies``). Without a copy (over
         the set-aside rate, or the copy fails too) it is given up only if S3 stored another
         object since this face's first attempt; the edge is then not told, so its outbox keeps
         the face and publishes it again later. Otherwise S3 takes nothing at all: an outage,
@@ -469,6 +481,23 @@ class Writer:
             except S3PutError:
                 pass
             else:
+                try:
+                    put_face()
+                except S3PutError:
+                    pass  # S3 works, and still not for this face: the copy stands for it
+                else:
+                    self.counters.inc("stored")
+                    self.counters.inc("spare_copies")
+                    log.warning(
+                        "face %s on %s stored after all: S3 took its copy at %s, then the face "
+                        "(it had failed: %s); the copy is a spare",
+                        meta.face_id,
+                        contract.printable(job.topic),
+                        key,
+                        failure.describe(),
+                    )
+                    self._done(job, meta.face_id)
+                    return True
                 self.counters.inc("rejected")
                 self.counters.inc(f"rejected_{reason}")
                 log.warning(
