@@ -306,8 +306,11 @@ def main() -> int:
     while lab.outbox_files("/var/lib/fp-loadgen/outbox") and time.monotonic() < deadline:
         time.sleep(2)
     lab.sh(edge, "systemctl stop fp-loadgen", check=False)
-    stored = lab.stored()
+    # face-detector keeps detecting: the faces the audit has seen so far must all be stored
+    # (within a bound); one published after this snapshot is not in the ledger.
     audit = set(lab.sh(edge, "cat /var/lib/fp-audit.txt", check=False).split())
+    lab.wait_stored(audit, 120)
+    stored = lab.stored()
     republished = lab.republished()
     lab.sh(edge, "systemctl stop fp-audit", check=False)
     failed = {h: lab.sh(h, "systemctl --failed --no-legend --plain", check=False).strip() for h in (edge, cloud)}
@@ -352,7 +355,12 @@ def main() -> int:
     if lost:
         problems.append(f"{len(lost)} accepted outbox faces never stored, e.g. {sorted(lost)[:3]}")
     if audit - set(stored):
-        problems.append(f"{len(audit - set(stored))} detector faces never stored")
+        missing = sorted(audit - set(stored))
+        problems.append(f"{len(missing)} detector faces never stored: {missing[:5]}")
+        for f in missing[:5]:  # what each service said about it
+            print(f"--- {f}")
+            print(lab.sh(edge, f"journalctl -u face-detector -o cat --no-pager | grep -F {f} | tail -5", check=False))
+            print(lab.sh(cloud, f"journalctl -u face-writer -o cat --no-pager | grep -F {f} | tail -5", check=False))
     clean_lost = sum(r.lost("direct") for r in rows if r.clean)
     if clean_lost:
         problems.append(f"the direct publisher lost {clean_lost} faces to clean faults")
