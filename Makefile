@@ -56,6 +56,7 @@ lint: $(STAMP)
 	$(PY) scripts/check-argument-specs.py
 	$(BIN)/ansible-playbook -i localhost, scripts/check-bad-variables.yml
 	$(PY) scripts/check-site-facts.py
+	$(PY) scripts/check-pki-renewal.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" ansible-lint --profile production
 
 unit: deps $(STAMP)
