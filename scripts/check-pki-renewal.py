@@ -24,8 +24,8 @@ PLAYBOOK = ROOT / "scripts" / "check-pki-renewal.yml"
 BIN = Path(sys.executable).parent
 
 
-def play(workdir: Path, **extra: int) -> tuple[int, str]:
-    args = [str(BIN / "ansible-playbook"), "-i", "localhost,", str(PLAYBOOK)]
+def play(workdir: Path, *flags: str, **extra: int) -> tuple[int, str]:
+    args = [str(BIN / "ansible-playbook"), *flags, "-i", "localhost,", str(PLAYBOOK)]
     for name, value in {"mqtt_pki_dir": workdir / "pki", "mqtt_pki_cert_dir": workdir / "certs", **extra}.items():
         args += ["-e", f"{name}={value}"]
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_NOCOLOR": "1"}
@@ -53,6 +53,12 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="pki-renewal-") as tmp:
         site = Path(tmp) / "site"
+        rc, out = play(site, "--check")
+        expect(
+            rc == 0 and "the first real run creates them" in out and not site.exists(),
+            "check mode on a fresh controller passes and writes nothing",
+            out,
+        )
         rc, out = play(site, mqtt_pki_cert_valid_days=20, mqtt_pki_cert_renew_days=10)
         expect(
             rc == 0 and "server certificate: 19 days left" in out,
@@ -78,6 +84,12 @@ def main() -> int:
         third = serial(site)
         rc, out = play(site)
         expect(rc == 0 and changed(out) == 0 and serial(site) == third, "then the defaults keep it", out)
+        rc, out = play(site, "--check", mqtt_pki_cert_renew_days=900)
+        expect(
+            rc == 0 and serial(site) == third and "824 days left" in out,
+            "check mode on a site shows a renewal without making it",
+            out,
+        )
 
         old_ca = Path(tmp) / "old-ca"
         rc, out = play(old_ca, mqtt_pki_ca_valid_days=20)
@@ -86,7 +98,7 @@ def main() -> int:
             "a CA with fewer days left than mqtt_pki_cert_renew_days stops the play",
             out,
         )
-    print(f"pki renewal: 6 cases, {len(problems)} failures")
+    print(f"pki renewal: 8 cases, {len(problems)} failures")
     return 1 if problems else 0
 
 
