@@ -82,6 +82,17 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("the example's bridge password", "edge2", {"mosquitto_bridge_remote_password": "change-me-till"}, "bridge_remote"),
     ("no writer password", "cloud", {"face_writer_mqtt_password": ""}, "face_writer_mqtt_password is empty"),
     (
+        "a placeholder in mosquitto_users",
+        "cloud",
+        {
+            "mosquitto_users": [
+                {"name": "face-writer", "password": "not-a-real-password", "acl": "writer"},
+                {"name": "grafana", "password": "change-me-grafana", "acl": "reader"},
+            ]
+        },
+        "mosquitto_users[grafana].password",
+    ),
+    (
         "a wildcard user name",
         "cloud",
         {
