@@ -68,14 +68,14 @@ def main() -> int:
         first = serial(site)
         rc, out = play(site, mqtt_pki_cert_valid_days=20, mqtt_pki_cert_renew_days=10)
         expect(rc == 0 and changed(out) == 0 and serial(site) == first, "a re-run keeps a certificate not yet due", out)
-        rc, out = play(site, mqtt_pki_cert_valid_days=20, mqtt_pki_cert_renew_days=25)
+        rc, out = play(site, mqtt_pki_cert_valid_days=30, mqtt_pki_cert_renew_days=25)
         expect(
             rc == 0 and changed(out) > 0 and serial(site) != first,
             "a certificate inside the renewal window is reissued and installed",
             out,
         )
         second = serial(site)
-        rc, out = play(site, mqtt_pki_cert_renew_days=25)
+        rc, out = play(site, mqtt_pki_cert_renew_days=30)
         expect(
             rc == 0 and serial(site) != second and "server certificate: 824 days left" in out,
             "a reissue takes the current validity",
@@ -84,21 +84,30 @@ def main() -> int:
         third = serial(site)
         rc, out = play(site)
         expect(rc == 0 and changed(out) == 0 and serial(site) == third, "then the defaults keep it", out)
-        rc, out = play(site, "--check", mqtt_pki_cert_renew_days=900)
+        rc, out = play(site, "--check", mqtt_pki_cert_valid_days=900, mqtt_pki_cert_renew_days=850)
         expect(
             rc == 0 and serial(site) == third and "824 days left" in out,
             "check mode on a site shows a renewal without making it",
             out,
         )
 
-        old_ca = Path(tmp) / "old-ca"
-        rc, out = play(old_ca, mqtt_pki_ca_valid_days=20)
+        rc, out = play(site, mqtt_pki_cert_renew_days=900)
+        expect(
+            rc != 0 and "mqtt_pki_cert_renew_days (900) must be" in out and serial(site) == third,
+            "a renewal window longer than a certificate's life is refused",
+            out,
+        )
+
+        old_ca = Path(tmp) / "old-ca"  # a CA made 20 days before its expiry, then the default window
+        rc, out = play(old_ca, mqtt_pki_ca_valid_days=20, mqtt_pki_cert_renew_days=10)
+        expect(rc == 0, "a CA with 20 days left passes a 10-day window", out)
+        rc, out = play(old_ca)
         expect(
             rc != 0 and "rotate the CA" in out,
             "a CA with fewer days left than mqtt_pki_cert_renew_days stops the play",
             out,
         )
-    print(f"pki renewal: 8 cases, {len(problems)} failures")
+    print(f"pki renewal: 10 cases, {len(problems)} failures")
     return 1 if problems else 0
 
 
