@@ -412,7 +412,7 @@ class Writer:
         stored = self._put(
             index,
             put_face,
-            lambda failure: self._give_up_face(job, meta, failure, started, put_face),
+            lambda failure: self._give_up_face(job, meta, failure, started, put_face, index),
             self.max_attempts,
         )
         if stored:
@@ -457,6 +457,7 @@ class Writer:
         failure: S3Failure,
         started: float,
         put_face: Callable[[], None],
+        index: int,
     ) -> bool:
         """A valid face S3 refused, or failed ``max_attempts`` times: end it, or not yet.
 
@@ -468,7 +469,8 @@ class Writer:
         the set-aside rate, or the copy fails too) it is given up only if S3 stored another
         object since this face's first attempt; the edge is then not told, so its outbox keeps
         the face and publishes it again later. Otherwise S3 takes nothing at all: an outage,
-        and the face is retried (False).
+        and the face is retried (False). Each PUT here is a step of its own for the watchdog
+        (``WEDGED_AFTER``): a slow S3 may take a whole timeout per PUT.
         """
         reason = (
             contract.Reason.S3_REFUSED if failure.kind == REFUSED else contract.Reason.S3_GAVE_UP
@@ -477,11 +479,13 @@ class Writer:
         if self._may_keep(device, reason, count=False):
             key, body, metadata = self._copy(job, device, reason, failure.describe(), whole=True)
             try:
+                self._beats[index] = time.monotonic()
                 self.store.put_rejected(key, body, metadata)
             except S3PutError:
                 pass
             else:
                 try:
+                    self._beats[index] = time.monotonic()
                     put_face()
                 except S3PutError:
                     pass  # S3 works, and still not for this face: the copy stands for it
