@@ -28,6 +28,7 @@ BASE: dict[str, Any] = {
                 "hosts": {"cloud1": {"ansible_host": "192.0.2.10"}},
                 "vars": {
                     "face_writer_s3_bucket": "bucket",
+                    "mosquitto_edge_hosts": "{{ groups['edge'] }}",
                     "face_writer_mqtt_password": "not-a-real-password",
                     "mosquitto_users": [{"name": "face-writer", "password": "not-a-real-password", "acl": "writer"}],
                 },
@@ -80,7 +81,14 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("the example's writer password", "cloud", {"face_writer_mqtt_password": "change-me-writer"}, "placeholder"),
     ("the example's S3 key id", "cloud", {"face_writer_s3_access_key_id": "AKIAEXAMPLEEXAMPLE00"}, "s3_access_key_id"),
     ("the example's bridge password", "edge2", {"mosquitto_bridge_remote_password": "change-me-till"}, "bridge_remote"),
+    (
+        "an edge's placeholder, as the cloud sees it",
+        "edge1",
+        {"mosquitto_bridge_remote_password": "change-me-kitchen"},
+        "mosquitto_bridge_remote_password of edge edge1",
+    ),
     ("no writer password", "cloud", {"face_writer_mqtt_password": ""}, "face_writer_mqtt_password is empty"),
+    ("a null writer password", "cloud", {"face_writer_mqtt_password": None}, "face_writer_mqtt_password is empty"),
     (
         "a placeholder in mosquitto_users",
         "cloud",
