@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Certificates are reissued ahead of expiry, and an expiring CA stops the play.
+"""Certificates are reissued ahead of expiry; what cannot be reissued is warned of, and stops the
+play only once expired.
 
 Runs scripts/check-pki-renewal.yml (mqtt_pki alone, on the controller, in temporary directories)
 with short validity periods and checks what a site depends on over the years: a re-run keeps a
 certificate that is not due (same serial, nothing changed), a certificate inside the renewal window
-is reissued and installed, and a CA inside it fails the play naming the rotation to do.
-Exits 1 on any surprise.
+is reissued and installed, a CA that a new certificate would outlive is a warning naming the
+rotation to do, and your own files (*_src) are warned of inside the window, refused when expired or
+missing. Exits 1 on any surprise.
 """
 
 from __future__ import annotations
@@ -15,16 +17,66 @@ import re
 import subprocess
 import sys
 import tempfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOK = ROOT / "scripts" / "check-pki-renewal.yml"
 BIN = Path(sys.executable).parent
 
 
-def play(workdir: Path, *flags: str, **extra: int) -> tuple[int, str]:
+def own_files(where: Path, ca_days: int, server_days: int) -> dict[str, Path]:
+    """A CA and a server certificate of your own (as mqtt_pki_*_src gives them), each expiring in
+    the given number of days (negative: expired that long ago)."""
+    where.mkdir(parents=True)
+    now = datetime.now(UTC)
+
+    def certificate(
+        name: str,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: x509.Name,
+        signer: ec.EllipticCurvePrivateKey,
+        days: int,
+        ca: bool,
+    ) -> x509.Certificate:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=400))
+            .not_valid_after(now + timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .sign(signer, hashes.SHA256())
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "own CA")])
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    files = {
+        "mqtt_pki_ca_cert_src": certificate("own CA", ca_key, ca_name, ca_key, ca_days, True),
+        "mqtt_pki_server_cert_src": certificate("broker.test", server_key, ca_name, ca_key, server_days, False),
+    }
+    paths = {}
+    for variable, cert in files.items():
+        paths[variable] = where / f"{variable}.pem"
+        paths[variable].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["mqtt_pki_server_key_src"] = where / "server.key"
+    paths["mqtt_pki_server_key_src"].write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+def play(workdir: Path, *flags: str, **extra: int | str | Path) -> tuple[int, str]:
     args = [str(BIN / "ansible-playbook"), *flags, "-i", "localhost,", str(PLAYBOOK)]
     for name, value in {"mqtt_pki_dir": workdir / "pki", "mqtt_pki_cert_dir": workdir / "certs", **extra}.items():
         args += ["-e", f"{name}={value}"]
@@ -45,7 +97,11 @@ def changed(output: str) -> int:
 def main() -> int:
     problems: list[str] = []
 
+    cases = 0
+
     def expect(ok: bool, what: str, output: str) -> None:
+        nonlocal cases
+        cases += 1
         print(f"{'ok  ' if ok else 'FAIL'} {what}")
         if not ok:
             problems.append(what)
@@ -99,15 +155,37 @@ def main() -> int:
         )
 
         old_ca = Path(tmp) / "old-ca"  # a CA made 20 days before its expiry, then the default window
-        rc, out = play(old_ca, mqtt_pki_ca_valid_days=20, mqtt_pki_cert_renew_days=10)
-        expect(rc == 0, "a CA with 20 days left passes a 10-day window", out)
+        rc, out = play(old_ca, mqtt_pki_ca_valid_days=20, mqtt_pki_cert_valid_days=10, mqtt_pki_cert_renew_days=5)
+        expect(rc == 0 and "WARNING" not in out, "a CA that outlives a new certificate: no warning", out)
         rc, out = play(old_ca)
         expect(
-            rc != 0 and "rotate the CA" in out,
-            "a CA with fewer days left than mqtt_pki_cert_renew_days stops the play",
+            rc == 0 and "WARNING, replace soon: CA" in out and "rotate" in out and "the CA" in out,
+            "a CA that a new certificate would outlive is a warning naming the rotation, not a stop",
             out,
         )
-    print(f"pki renewal: 10 cases, {len(problems)} failures")
+
+        own = own_files(Path(tmp) / "own-soon", ca_days=3000, server_days=20)
+        rc, out = play(Path(tmp) / "own-soon", mqtt_pki_generate="false", **own)
+        expect(
+            rc == 0 and "give a new one in mqtt_pki_server_cert_src" in out,
+            "your own certificate inside the renewal window is a warning naming its variable",
+            out,
+        )
+        own = own_files(Path(tmp) / "own-expired", ca_days=-1, server_days=20)
+        rc, out = play(Path(tmp) / "own-expired", mqtt_pki_generate="false", **own)
+        expect(
+            rc != 0 and "Expired TLS material" in out and "CA" in out and "rotate the CA" in out,
+            "an expired CA stops the play",
+            out,
+        )
+        own["mqtt_pki_server_key_src"] = Path(tmp) / "nowhere.key"
+        rc, out = play(Path(tmp) / "own-expired", "--check", mqtt_pki_generate="false", **own)
+        expect(
+            rc != 0 and "Not found on the controller" in out and "nowhere.key" in out,
+            "a missing file of your own is refused by name, also in check mode",
+            out,
+        )
+    print(f"pki renewal: {cases} cases, {len(problems)} failures")
     return 1 if problems else 0
 
 
