@@ -44,6 +44,9 @@ BASE: dict[str, Any] = {
     }
 }
 
+# Values no output may show, whatever the case (the checks name variables, never values).
+SECRETS = ("not-a-real-password", "change-me-camera")
+
 # (what breaks, where: group or host, variables, text the failure must contain)
 CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("nothing (control)", "all", {}, None),
@@ -86,6 +89,12 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
         "edge1",
         {"mosquitto_bridge_remote_password": "change-me-kitchen"},
         "mosquitto_bridge_remote_password of edge edge1",
+    ),
+    (
+        "the example's camera URL",
+        "edge2",
+        {"face_detector_source": "rtsp://viewer:change-me-camera@192.0.2.40:554/stream1"},
+        "still the example inventory's placeholder (change-me..., ...EXAMPLE...): face_detector_source.",
     ),
     ("no writer password", "cloud", {"face_writer_mqtt_password": ""}, "face_writer_mqtt_password is empty"),
     ("a null writer password", "cloud", {"face_writer_mqtt_password": None}, "face_writer_mqtt_password is empty"),
@@ -155,6 +164,10 @@ def main() -> int:
                 ok = run.returncode == 0
             else:
                 ok = run.returncode != 0 and expected in output and "TASK [facepipe_site" in output
+            leaked = [secret for secret in SECRETS if secret in output]
+            if leaked:
+                print(f"     the output shows a secret: {leaked}")
+                ok = False
             print(f"{'ok  ' if ok else 'FAIL'} {what}: exit {run.returncode}")
             if not ok:
                 failures += 1

@@ -47,6 +47,9 @@ class Option:
     help: str = ""
     required: bool = False
     flag_only_value: str | None = None  # value of a bare flag (``--loop`` means ``true``)
+    # A secret's way in: ``$CREDENTIALS_DIRECTORY/<credential>`` (systemd's LoadCredential=),
+    # read before the environment (a flag still wins). Its value never reaches a log or an error.
+    credential: str | None = None
 
     @property
     def flag(self) -> str:
@@ -399,6 +402,8 @@ def _parse(
     values: dict[str, Any] = {}
     for opt in options:
         text = getattr(raw, opt.name)
+        if text is None and opt.credential:
+            text = read_secret(None, opt.credential, f"{opt.label} (credential {opt.credential})", env)
         if text is None:
             text = env.get(opt.env)
             if text is not None and text.strip() == "" and opt.default is not None:

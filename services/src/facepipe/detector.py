@@ -73,8 +73,10 @@ OPTIONS: Final = (
         non_empty,
         None,
         "camera (/dev/video0 or an index), video file, rtsp:// or http(s):// URL, or a folder "
-        "of images",
+        "of images ($CREDENTIALS_DIRECTORY/camera-source wins over the environment: a URL "
+        "with credentials is a secret)",
         required=True,
+        credential="camera-source",
     ),
     Option("device_id", device_id, None, "device id in topics and metadata (default: hostname)"),
     Option(

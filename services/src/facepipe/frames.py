@@ -316,7 +316,7 @@ def open_source(
         scheme = text.split("://", 1)[0].lower()
         if scheme not in {"rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt"}:
             raise ConfigError(f"{OPTION}: unsupported URL scheme {scheme!r}")
-        return LiveSource(text, f"stream {_redact(text)}")
+        return LiveSource(text, f"stream {redact_url(text)}")
     path = Path(text)
     if path.is_dir():
         return ImageFolderSource(path, realtime=realtime, loop=loop, fps=fps)
@@ -325,10 +325,19 @@ def open_source(
     raise ConfigError(f"{OPTION}: no such file or folder: {path}")
 
 
-def _redact(url: str) -> str:
-    """Hide a password in ``scheme://user:password@host`` for logs."""
-    scheme, _, rest = url.partition("://")
-    creds, at, host = rest.partition("@")
-    if at and ":" in creds and "/" not in creds:
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
+def redact_url(url: str) -> str:
+    """A URL as logs may show it: ``scheme://***@host/path?***``.
+
+    Everything up to the last ``@`` is credentials (a password may hold ``@``, ``:`` or ``/``;
+    an ``@`` in the path hides some of the path too, never some of a password), and a query
+    string is hidden whole (cameras take ``?user=...&pwd=...``). Fragments go with the query.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***"
+    _, at, hostpart = rest.rpartition("@")
+    shown = f"***@{hostpart}" if at else rest
+    for mark in ("?", "#"):
+        if mark in shown:
+            shown = shown.split(mark, 1)[0] + mark + "***"
+    return f"{scheme}://{shown}"
