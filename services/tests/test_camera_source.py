@@ -41,7 +41,9 @@ def test_logs_show_a_url_without_its_credentials(url: str, shown: str) -> None:
 
 @given(
     password=st.text(
-        alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=6, max_size=40
+        alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")),
+        min_size=6,
+        max_size=40,
     )
 )
 def test_no_password_shows_whatever_it_holds(password: str) -> None:
@@ -52,7 +54,10 @@ def test_no_password_shows_whatever_it_holds(password: str) -> None:
 def test_a_stream_that_cannot_be_opened_is_logged_without_its_credentials(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.DEBUG), open_source("rtsp://admin:p@ss/w0rd@127.0.0.1:1/none") as source:
+    with (
+        caplog.at_level(logging.DEBUG),
+        open_source("rtsp://admin:p@ss/w0rd@127.0.0.1:1/none") as source,
+    ):
         assert isinstance(source, LiveSource)
         deadline = time.monotonic() + 20
         while "cannot" not in caplog.text and time.monotonic() < deadline:
@@ -68,7 +73,9 @@ def credentials(tmp_path: Path, content: str) -> dict[str, str]:
 
 def test_the_camera_source_credential_wins_over_the_environment(tmp_path: Path) -> None:
     env = credentials(tmp_path, "rtsp://admin:s3cret@cam.local/live\n")
-    cfg = parse_config(DetectorConfig, "face-detector", "", [], {**env, "FACEPIPE_SOURCE": "/dev/video0"})
+    cfg = parse_config(
+        DetectorConfig, "face-detector", "", [], {**env, "FACEPIPE_SOURCE": "/dev/video0"}
+    )
     assert cfg.source == "rtsp://admin:s3cret@cam.local/live"
     cfg = parse_config(DetectorConfig, "face-detector", "", [], env)  # the env file has no source
     assert cfg.source == "rtsp://admin:s3cret@cam.local/live"

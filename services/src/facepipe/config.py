@@ -403,7 +403,9 @@ def _parse(
     for opt in options:
         text = getattr(raw, opt.name)
         if text is None and opt.credential:
-            text = read_secret(None, opt.credential, f"{opt.label} (credential {opt.credential})", env)
+            text = read_secret(
+                None, opt.credential, f"{opt.label} (credential {opt.credential})", env
+            )
         if text is None:
             text = env.get(opt.env)
             if text is not None and text.strip() == "" and opt.default is not None:
