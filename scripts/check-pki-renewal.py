@@ -154,6 +154,27 @@ def main() -> int:
             out,
         )
 
+        host_ca = (site / "certs" / "facepipe-ca.crt").read_bytes()
+        fresh = Path(tmp) / "fresh-clone"  # a controller without the site's CA
+        for flags in ((), ("--check",)):
+            rc, out = play(site, *flags, mqtt_pki_dir=fresh)
+            expect(
+                rc != 0
+                and "trusts a CA" in out
+                and "does not exist on this controller" in out
+                and (site / "certs" / "facepipe-ca.crt").read_bytes() == host_ca
+                and serial(site) == third
+                and not fresh.exists(),
+                f"a controller without the site's CA stops before changing anything{' (check mode)' if flags else ''}",
+                out,
+            )
+        rc, out = play(site, mqtt_pki_dir=fresh, mqtt_pki_ca_replace="true")
+        expect(
+            rc == 0 and (site / "certs" / "facepipe-ca.crt").read_bytes() != host_ca and serial(site) != third,
+            "with mqtt_pki_ca_replace=true the new CA and certificates are installed (a rotation)",
+            out,
+        )
+
         old_ca = Path(tmp) / "old-ca"  # a CA made 20 days before its expiry, then the default window
         rc, out = play(old_ca, mqtt_pki_ca_valid_days=20, mqtt_pki_cert_valid_days=10, mqtt_pki_cert_renew_days=5)
         expect(rc == 0 and "WARNING" not in out, "a CA that outlives a new certificate: no warning", out)
