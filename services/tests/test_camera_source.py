@@ -31,6 +31,11 @@ from facepipe.frames import LiveSource, open_source, redact_url
         # Credentials in the query string (snapshot URLs of cheap cameras) are hidden whole.
         ("http://cam.local/snap.cgi?user=admin&pwd=s3cret", "http://cam.local/snap.cgi?***"),
         ("http://cam.local/video#token=abc", "http://cam.local/video#***"),
+        # ... and so is a path that holds them (XMEye, Dahua).
+        (
+            "rtsp://192.0.2.7:554/user=admin&password=s3cret&channel=1&stream=0.sdp",
+            "rtsp://192.0.2.7:554/***",
+        ),
         ("rtsp://cam.local/live", "rtsp://cam.local/live"),
         ("not a url", "***"),
     ],

@@ -329,8 +329,9 @@ def redact_url(url: str) -> str:
     """A URL as logs may show it: ``scheme://***@host/path?***``.
 
     Everything up to the last ``@`` is credentials (a password may hold ``@``, ``:`` or ``/``;
-    an ``@`` in the path hides some of the path too, never some of a password), and a query
-    string is hidden whole (cameras take ``?user=...&pwd=...``). Fragments go with the query.
+    an ``@`` in the path hides some of the path too, never some of a password), a query string
+    is hidden whole (cameras take ``?user=...&pwd=...``; fragments go with it), and so is a
+    path holding ``=`` (XMEye and Dahua cameras take ``/user=admin&password=...``).
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -340,4 +341,7 @@ def redact_url(url: str) -> str:
     for mark in ("?", "#"):
         if mark in shown:
             shown = shown.split(mark, 1)[0] + mark + "***"
+    host, _, path = shown.partition("/")
+    if "=" in path.split("?", 1)[0].split("#", 1)[0]:
+        shown = f"{host}/***"
     return f"{scheme}://{shown}"
