@@ -178,10 +178,16 @@ def main() -> int:
         old_ca = Path(tmp) / "old-ca"  # a CA made 20 days before its expiry, then the default window
         rc, out = play(old_ca, mqtt_pki_ca_valid_days=20, mqtt_pki_cert_valid_days=10, mqtt_pki_cert_renew_days=5)
         expect(rc == 0 and "WARNING" not in out, "a CA that outlives a new certificate: no warning", out)
-        rc, out = play(old_ca)
+        rc, out = play(old_ca, mqtt_pki_cert_renew_days=10)
         expect(
             rc == 0 and "WARNING, replace soon: CA" in out and "rotate" in out and "the CA" in out,
             "a CA that a new certificate would outlive is a warning naming the rotation, not a stop",
+            out,
+        )
+        rc, out = play(old_ca)
+        expect(
+            rc != 0 and "TLS material to replace now" in out and "rotate the CA" in out,
+            "a CA inside the renewal window stops the play a month before the outage",
             out,
         )
 
@@ -195,7 +201,7 @@ def main() -> int:
         own = own_files(Path(tmp) / "own-expired", ca_days=-1, server_days=20)
         rc, out = play(Path(tmp) / "own-expired", mqtt_pki_generate="false", **own)
         expect(
-            rc != 0 and "Expired TLS material" in out and "CA" in out and "rotate the CA" in out,
+            rc != 0 and "TLS material to replace now" in out and "expired on" in out and "rotate the CA" in out,
             "an expired CA stops the play",
             out,
         )

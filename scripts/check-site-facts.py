@@ -45,7 +45,7 @@ BASE: dict[str, Any] = {
 }
 
 # Values no output may show, whatever the case (the checks name variables, never values).
-SECRETS = ("not-a-real-password", "change-me-camera")
+SECRETS = ("not-a-real-password", "change-me-camera", "Str0ng-pw")
 
 # (what breaks, where: group or host, variables, text the failure must contain)
 CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
@@ -95,6 +95,12 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
         "edge2",
         {"face_detector_source": "rtsp://viewer:change-me-camera@192.0.2.40:554/stream1"},
         "still the example inventory's placeholder (change-me..., ...EXAMPLE...): face_detector_source.",
+    ),
+    (
+        "a real camera URL with 'example' in its name (control)",
+        "edge2",
+        {"face_detector_source": "rtsp://viewer:Str0ng-pw@cam1.example.net:554/s1"},
+        None,
     ),
     ("no writer password", "cloud", {"face_writer_mqtt_password": ""}, "face_writer_mqtt_password is empty"),
     ("a null writer password", "cloud", {"face_writer_mqtt_password": None}, "face_writer_mqtt_password is empty"),
