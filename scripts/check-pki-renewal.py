@@ -177,7 +177,7 @@ def main() -> int:
 
         old_ca = Path(tmp) / "old-ca"  # a CA made 20 days before its expiry, then the default window
         rc, out = play(old_ca, mqtt_pki_ca_valid_days=20, mqtt_pki_cert_valid_days=10, mqtt_pki_cert_renew_days=5)
-        expect(rc == 0 and "replace soon" not in out, "a CA that outlives a new certificate: no warning", out)
+        expect(rc == 0 and "WARNING, replace soon" not in out, "a CA that outlives a new certificate: no warning", out)
         rc, out = play(old_ca, mqtt_pki_cert_renew_days=10)
         expect(
             rc == 0 and "WARNING, replace soon: CA" in out and "rotate" in out and "the CA" in out,
