@@ -48,7 +48,17 @@ lock: $(STAMP)  ## re-pin requirements/controller.txt from requirements/controll
 
 PY_SCRIPTS := scripts/lab-up scripts/moto-server
 
-lint: $(STAMP)
+# promtool checks files/prometheus. It comes out of Debian's prometheus package without installing
+# it (installing would start a Prometheus server on this machine).
+PROMTOOL := $(BIN)/promtool
+$(PROMTOOL): | $(STAMP)
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; cd "$$tmp"; \
+	get() { apt-get download -qq -o APT::Sandbox::User=root prometheus; }; \
+	get || { apt-get update -qq && get; }; \
+	dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > "$(CURDIR)/$@.part"
+	chmod 0755 $@.part && mv $@.part $@
+
+lint: $(STAMP) $(PROMTOOL)
 	cd services && ../$(BIN)/ruff check . && ../$(BIN)/ruff format --check .
 	cd services && ../$(BIN)/mypy --ignore-missing-imports src
 	$(BIN)/mypy --ignore-missing-imports molecule/_lab/lab.py
@@ -57,6 +67,8 @@ lint: $(STAMP)
 	$(BIN)/ansible-playbook -i localhost, scripts/check-bad-variables.yml
 	$(PY) scripts/check-site-facts.py
 	$(PY) scripts/check-pki-renewal.py
+	cd files/prometheus && $(CURDIR)/$(PROMTOOL) check rules facepipe-rules.yml \
+		&& $(CURDIR)/$(PROMTOOL) test rules facepipe-rules.test.yml
 	PATH="$(CURDIR)/$(BIN):$$PATH" ansible-lint --profile production
 
 unit: deps $(STAMP)

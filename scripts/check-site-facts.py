@@ -102,6 +102,58 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
         {"face_detector_source": "rtsp://viewer:Str0ng-pw@cam1.example.net:554/s1"},
         None,
     ),
+    (
+        "metrics for a Prometheus server (control)",
+        "all",
+        {
+            "face_detector_metrics_port": 9101,
+            "face_detector_metrics_address": "0.0.0.0",
+            "face_detector_metrics_scrapers": ["192.0.2.9", "2001:db8::/64"],
+            "face_writer_metrics_port": 9102,
+            "face_writer_metrics_address": "::",
+            "face_writer_metrics_scrapers": ["192.0.2.0/28"],
+        },
+        None,
+    ),
+    ("metrics on loopback only (control)", "cloud", {"face_writer_metrics_port": 9102}, None),
+    (
+        "the metrics port in the env",
+        "edge",
+        {"face_detector_env": {"FACEPIPE_METRICS_PORT": 9101}},
+        "face_detector_metrics_port",
+    ),
+    (
+        "a metrics scraper by host name",
+        "cloud",
+        {
+            "face_writer_metrics_port": 9102,
+            "face_writer_metrics_address": "0.0.0.0",
+            "face_writer_metrics_scrapers": ["prom.example.net"],
+        },
+        'face_writer_metrics_scrapers (["prom.example.net"])',
+    ),
+    (
+        "scrapers of a loopback metrics port",
+        "edge1",
+        {"face_detector_metrics_port": 9101, "face_detector_metrics_scrapers": ["192.0.2.9"]},
+        "face_detector_metrics_address (127.0.0.1)",
+    ),
+    (
+        "a metrics address no scraper may use",
+        "edge",
+        {"face_detector_metrics_port": 9101, "face_detector_metrics_address": "0.0.0.0"},
+        "without, keep it on loopback",
+    ),
+    (
+        "a metrics address by host name",
+        "cloud",
+        {
+            "face_writer_metrics_port": 9102,
+            "face_writer_metrics_address": "cloud1",
+            "face_writer_metrics_scrapers": ["192.0.2.9"],
+        },
+        "face_writer_metrics_address (cloud1)",
+    ),
     ("no writer password", "cloud", {"face_writer_mqtt_password": ""}, "face_writer_mqtt_password is empty"),
     ("a null writer password", "cloud", {"face_writer_mqtt_password": None}, "face_writer_mqtt_password is empty"),
     (

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import ipaddress
 import os
 import socket
 import sys
@@ -127,6 +128,23 @@ def topic_prefix(text: str) -> str:
     if not value or any(c in value for c in "+#\0") or value.startswith("$"):
         raise ValueError(f"{text!r} is not a plain topic prefix (no wildcards, not $...)")
     return value
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """Comma- or blank-separated addresses or prefixes (``127.0.0.1``, ``10.0.0.0/8``, ``::1``)."""
+    items = [item for item in text.replace(",", " ").split() if item]
+    try:
+        return tuple(ipaddress.ip_network(item, strict=False) for item in items)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (addresses or prefixes, not host names)") from None
+
+
+def networks(text: str) -> str:
+    """A checked list of networks, as ``parse_networks`` reads it back: ``10.0.0.0/8 ::1/128``."""
+    return " ".join(str(network) for network in parse_networks(text))
 
 
 def existing_file(text: str) -> Path:
@@ -267,6 +285,12 @@ LOGGING_OPTIONS: tuple[Option, ...] = (
     Option("stats_interval", float_range(1), 60.0, "seconds between stats log lines"),
     Option("metrics_port", int_range(0, 65535), 0, "Prometheus metrics port (0 = off)"),
     Option("metrics_address", non_empty, "127.0.0.1", "address the metrics port binds to"),
+    Option(
+        "metrics_allow",
+        networks,
+        "127.0.0.0/8 ::1/128",
+        "addresses or prefixes that may scrape the metrics (others get 403)",
+    ),
 )
 
 MQTT_OPTIONS: tuple[Option, ...] = (
@@ -297,6 +321,7 @@ class LoggingConfig:
     stats_interval: float
     metrics_port: int
     metrics_address: str
+    metrics_allow: str  # networks(): parse_networks reads it
 
 
 @config_of(MQTT_OPTIONS)

@@ -43,6 +43,7 @@ from facepipe.config import (
     non_empty,
     parse_bool,
     parse_config,
+    parse_networks,
     resolve_device_id,
     run_main,
 )
@@ -171,6 +172,7 @@ COUNTERS: Final = (
     "too_large_dropped",
     "read_errors",
 )
+GAUGES: Final = ("pending", "source_up")
 
 
 @dataclass(frozen=True)
@@ -308,7 +310,7 @@ def run(argv: list[str] | None = None) -> int:
     detector = build_finder(cfg)
     source = open_source(cfg.source, realtime=cfg.realtime, loop=cfg.loop, fps=cfg.fps)
 
-    counters = Counters([*COUNTERS, *DELIVERY_COUNTERS], ["pending", "source_up", *DELIVERY_GAUGES])
+    counters = Counters([*COUNTERS, *DELIVERY_COUNTERS], [*GAUGES, *DELIVERY_GAUGES])
     notifier = Notifier()
     stop = stop_on_signals()
 
@@ -335,7 +337,11 @@ def run(argv: list[str] | None = None) -> int:
     pipeline = Pipeline(detector, tracker, publishing.submit, device, cfg, counters)
     if cfg.logging.metrics_port:
         serve_metrics(
-            "facepipe_detector", counters, cfg.logging.metrics_address, cfg.logging.metrics_port
+            "facepipe_detector",
+            counters,
+            cfg.logging.metrics_address,
+            cfg.logging.metrics_port,
+            parse_networks(cfg.logging.metrics_allow),
         )
 
     log.info(

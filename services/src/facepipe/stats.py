@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from facepipe.config import ConfigError
+from facepipe.config import ConfigError, Network
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +62,62 @@ class _Collector(Collector):
             yield GaugeMetricFamily(f"{self.prefix}_{name}", name, value=gauge)
 
 
-def serve_metrics(prefix: str, counters: Counters, address: str, port: int) -> None:
-    """Expose the counters as ``<prefix>_<name>_total`` on http://address:port/metrics."""
+def is_allowed(remote: str, allowed: Sequence[Network]) -> bool:
+    """Whether a peer address (as the socket reports it) is inside one of ``allowed``."""
+    try:
+        address = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
+    return any(address in network for network in allowed)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (one line per scrape would drown the journal)."""
+
+
+def serve_metrics(
+    prefix: str,
+    counters: Counters,
+    address: str,
+    port: int,
+    allowed: Sequence[Network] = (),
+) -> ThreadingWSGIServer:
+    """Expose the counters as ``<prefix>_<name>_total`` on http://address:port/metrics.
+
+    Only peers inside ``allowed`` get an answer; any other gets 403. The unit's IPAddressAllow=
+    may also drop them earlier, but face-writer's unit cannot (it talks to S3 anywhere).
+    """
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_Collector(prefix, counters))
+    metrics = make_wsgi_app(registry)
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if is_allowed(environ.get("REMOTE_ADDR", ""), allowed):
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+        start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not in this service's metrics allow-list (FACEPIPE_METRICS_ALLOW)\n"]
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
     try:
-        start_http_server(port, addr=address, registry=registry)
-    except OSError as exc:
+        server = make_server(address, port, guarded, Server, handler_class=_QuietHandler)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(
-            f"--metrics-port / FACEPIPE_METRICS_PORT: cannot listen on {address}:{port}: "
-            f"{exc.strerror}"
+            f"--metrics-port / FACEPIPE_METRICS_PORT: cannot listen on {address}:{port}: {reason}"
         ) from None
-    log.info("metrics on http://%s:%d/metrics", address, port)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info(
+        "metrics on http://%s:%d/metrics for %s",
+        address,
+        server.server_port,
+        ", ".join(str(network) for network in allowed) or "nobody",
+    )
+    return server
 
 
 def format_counters(values: dict[str, int | float]) -> str:

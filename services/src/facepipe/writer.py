@@ -46,6 +46,7 @@ from facepipe.config import (
     int_range,
     non_empty,
     parse_config,
+    parse_networks,
     run_main,
 )
 from facepipe.logsetup import setup_logging
@@ -57,6 +58,11 @@ from facepipe.stats import Counters, StatsReporter, serve_metrics
 
 PROG: Final = "face-writer"
 log = logging.getLogger(__name__)
+
+# The stats line's and the metrics' names (facepipe_writer_<name>_total; gauges without _total).
+# Per-reason counters (rejected_<reason>, dropped_<reason>) appear once a reason occurs.
+COUNTERS: Final = ("received", "stored", "acked", "acks_sent", "retries", "rejected", "dropped")
+GAUGES: Final = ("in_flight",)
 
 MIB: Final = 1024 * 1024
 DAY: Final = 86400.0
@@ -649,10 +655,7 @@ def run(argv: list[str] | None = None) -> int:
     settings = build_settings(cfg.mqtt)
     setup_logging(cfg.logging.log_level)
 
-    counters = Counters(
-        ["received", "stored", "acked", "acks_sent", "retries", "rejected", "dropped"],
-        ["in_flight"],
-    )
+    counters = Counters(COUNTERS, GAUGES)
     try:
         store = S3Store(cfg.s3_bucket, workers=cfg.workers)
     except (ValueError, BotoCoreError) as exc:  # e.g. a malformed AWS_ENDPOINT_URL
@@ -691,7 +694,11 @@ def run(argv: list[str] | None = None) -> int:
 
     if cfg.logging.metrics_port:
         serve_metrics(
-            "facepipe_writer", counters, cfg.logging.metrics_address, cfg.logging.metrics_port
+            "facepipe_writer",
+            counters,
+            cfg.logging.metrics_address,
+            cfg.logging.metrics_port,
+            parse_networks(cfg.logging.metrics_allow),
         )
     log.info(
         "storing faces from %s into %s/%s/ with %d workers",

@@ -1,0 +1,168 @@
+"""Prometheus metrics: who may scrape them, and that what the shipped alert rules read exists.
+
+files/prometheus/facepipe-rules.yml names metrics; a rule naming a metric the programs do not
+expose never fires, silently. These tests scrape the real programs and check every name."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import Broker, free_port, program_env, start_program, wait_for
+
+from facepipe.config import (
+    LOGGING_OPTIONS,
+    ConfigError,
+    LoggingConfig,
+    parse_config,
+    parse_networks,
+)
+from facepipe.stats import Counters, is_allowed, serve_metrics
+
+RULES = Path(__file__).resolve().parents[2] / "files" / "prometheus" / "facepipe-rules.yml"
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> tuple[int, str]:
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def exposed(text: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        found = re.fullmatch(r"(facepipe_\w+) (\S+)", line)
+        if found:
+            values[found.group(1)] = float(found.group(2))
+    return values
+
+
+def test_loopback_scrapes_by_default_and_other_addresses_get_403():
+    counters = Counters(["frames"], ["source_up"])
+    counters.inc("frames", 3)
+    default = parse_networks(next(o for o in LOGGING_OPTIONS if o.name == "metrics_allow").default)
+    server = serve_metrics("facepipe_test", counters, "127.0.0.1", 0, default)
+    try:
+        status, text = scrape(server.server_port)
+        assert status == 200
+        assert exposed(text)["facepipe_test_frames_total"] == 3
+        assert exposed(text)["facepipe_test_source_up"] == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    server = serve_metrics(
+        "facepipe_test", counters, "127.0.0.1", 0, parse_networks("192.0.2.0/24")
+    )
+    try:
+        status, text = scrape(server.server_port)
+        assert status == 403
+        assert "facepipe_test_frames_total" not in text
+        assert "FACEPIPE_METRICS_ALLOW" in text
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+def test_a_dual_stack_listener_matches_ipv4_peers_against_ipv4_prefixes():
+    counters = Counters(["frames"])
+    try:
+        server = serve_metrics("facepipe_test", counters, "::", 0, parse_networks("127.0.0.1"))
+    except ConfigError as exc:
+        pytest.skip(f"cannot listen on [::]: {exc}")
+    try:
+        assert scrape(server.server_port, "127.0.0.1")[0] == 200  # seen as ::ffff:127.0.0.1
+        assert scrape(server.server_port, "::1")[0] == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("peer", "allowed", "expected"),
+    [
+        ("10.1.2.3", "10.0.0.0/8", True),
+        ("10.1.2.3", "10.1.2.4", False),
+        ("::ffff:10.1.2.3", "10.0.0.0/8", True),
+        ("fe80::1%eth0", "fe80::/10", True),
+        ("", "0.0.0.0/0", False),
+        ("not-an-address", "0.0.0.0/0", False),
+        ("192.0.2.1", "", False),
+    ],
+)
+def test_is_allowed(peer, allowed, expected):
+    assert is_allowed(peer, parse_networks(allowed)) is expected
+
+
+@pytest.mark.parametrize("value", ["prometheus.example", "10.0.0.0/33", "10.0.0.1,,nope"])
+def test_a_metrics_allow_list_with_a_name_or_a_bad_prefix_is_refused_by_name(value):
+    with pytest.raises(ConfigError, match="FACEPIPE_METRICS_ALLOW") as error:
+        parse_config(LoggingConfig, "t", "t", argv=[], environ={"FACEPIPE_METRICS_ALLOW": value})
+    assert "not host names" in str(error.value)
+
+
+def test_a_taken_metrics_port_is_a_config_error_naming_the_option():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ConfigError, match="FACEPIPE_METRICS_PORT: cannot listen"):
+            serve_metrics("facepipe_test", Counters([]), "127.0.0.1", taken.getsockname()[1])
+
+
+def rule_metrics(program: str) -> set[str]:
+    """The metrics of ``program`` that the rules' expressions read."""
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    exprs = " ".join(rule["expr"] for group in groups for rule in group["rules"])
+    return set(re.findall(rf"\bfacepipe_{program}_[a-z0-9_]+", exprs))
+
+
+def scrape_program(program: str, env: dict[str, str], tmp_path: Path) -> dict[str, float]:
+    """Start ``facepipe.<program>`` with metrics on a free port, scrape it once it answers, stop
+    it; check that every metric of it the rules read is among what it exposes."""
+    port = free_port()
+    log = tmp_path / f"{program}.log"
+    proc = start_program(program, {**env, "FACEPIPE_METRICS_PORT": str(port)}, log=log)
+
+    def ready() -> dict[str, float] | None:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode}: {log.read_text()}")
+        try:
+            status, text = scrape(port)
+        except OSError:
+            return None
+        return exposed(text) if status == 200 else None
+
+    try:
+        values = wait_for(ready, 30, "the metrics port")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    names = rule_metrics(program)
+    assert names, f"{RULES} names no {program} metric"
+    assert names <= set(values), f"the rules read {sorted(names - set(values))}: not exposed"
+    return values
+
+
+def test_a_dead_camera_shows_in_the_metrics_the_alert_rules_read(mosquitto: Broker, tmp_path):
+    camera = {"FACEPIPE_SOURCE": "/dev/video97", "FACEPIPE_DEVICE_ID": "cam-metrics.1"}
+    values = scrape_program("detector", program_env(mosquitto.env, camera), tmp_path)
+    assert values["facepipe_detector_source_up"] == 0
+
+
+def test_every_writer_metric_the_alert_rules_read_is_exposed(mosquitto: Broker, s3, tmp_path):
+    client = {"FACEPIPE_MQTT_CLIENT_ID": f"w-{uuid.uuid4().hex[:8]}"}
+    scrape_program("writer", program_env(mosquitto.env, s3.env, client), tmp_path)
