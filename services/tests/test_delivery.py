@@ -7,6 +7,7 @@ facepipe-publish command.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
+import numpy as np
 import paho.mqtt.client as paho
 import pytest
 from conftest import Broker, program_env, wait_for
@@ -437,3 +440,35 @@ def test_facepipe_publish_keeps_faces_until_the_cloud_has_them(mosquitto, s3, tm
     refused = run_publish(mosquitto, outbox, str(bad))
     assert refused.returncode == 2 and "bad.jpg" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_a_test_face_reports_where_it_is_stored_once_the_cloud_has_it(mosquitto, s3, tmp_path):
+    """What the deploy check (playbooks/check.yml) relies on: --test-face sends one marked face,
+    --report says on stdout whether the cloud acknowledged it and under which key it is stored."""
+    outbox = tmp_path / "outbox"
+    # No writer: the face waits, and the report says so.
+    args = ("--test-face", "--report", "--detector=deploy-check")
+    alone = run_publish(mosquitto, outbox, *args, wait="2")
+    assert alone.returncode == 3, alone.stderr
+    waited = json.loads(alone.stdout)
+    assert waited["device_id"] == DEVICE and waited["waiting"] == 1
+    assert [f["acknowledged"] for f in waited["faces"]] == [False]
+    writer = start_writer(writer_env(mosquitto, s3), tmp_path / "writer.log")
+    try:
+        sent = run_publish(mosquitto, outbox, *args)
+        assert sent.returncode == 0, sent.stderr
+        body = json.loads(sent.stdout)  # stdout is the report alone
+        assert body["waiting"] == 0 and body["bridge_up"] is True and body["seconds"] > 0
+        (face,) = body["faces"]
+        assert face["acknowledged"] and face["face_id"] != waited["faces"][0]["face_id"]
+        assert face["key"].startswith(f"{DEVICE}/")
+        assert face["key"].endswith(f"_{face['face_id']}.jpg")
+        stored = s3.client.get_object(Bucket=s3.bucket, Key=f"faces/{face['key']}")
+        assert stored["Metadata"]["detector"] == "deploy-check"
+        assert stored["Metadata"]["captured-at"] == face["captured_at"]
+        image = cv2.imdecode(np.frombuffer(stored["Body"].read(), np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None and image.shape[:2] == (120, 360)
+        # The face the first run left in the outbox went out too: two test faces, two objects.
+        assert len(s3.keys(f"faces/{DEVICE}/")) == 2
+    finally:
+        stop(writer)

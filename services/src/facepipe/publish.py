@@ -13,6 +13,13 @@ accepted into the outbox (fsync'd) before anything is published; then everything
 (what an earlier run left included) goes to the local broker, and the command waits up to
 ``--wait`` seconds for the cloud's acknowledgements.
 
+``--test-face`` adds one synthesized face that says what it is (an image reading "facepipe
+test face", a new face id each time; name it with ``--detector``, e.g. ``deploy-check``): the
+deploy check (playbooks/check.yml) sends one through every edge. ``--report`` prints one JSON
+object on stdout at the end: the device, each face (id, capture time, its S3 key below the
+writer's prefix, whether the cloud acknowledged it), whether the edge's bridge was up, the
+seconds taken and the faces still waiting.
+
 Exit status: 0 the writer is done with every face (stored; or set aside, which its log and the
 bucket's rejected/ show); 3 some still wait in the outbox (a later run publishes them again);
 2 a bad option or file, or more faces than the outbox holds (nothing accepted), or the broker
@@ -23,6 +30,7 @@ was written before stays accepted).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import struct
 import time
@@ -46,6 +54,7 @@ from facepipe.config import (
     float_range,
     int_range,
     non_empty,
+    parse_bool,
     parse_config_and_arguments,
     resolve_device_id,
     run_main,
@@ -72,6 +81,14 @@ OPTIONS: Final = (
     Option("detector", non_empty, "external", "detector named in the metadata of plain JPEGs"),
     Option("wait", float_range(0), 60.0, "seconds to wait for the cloud's acknowledgements"),
     Option("max_bytes", int_range(1024, 256 * 1024 * 1024), 1024 * 1024, "largest message"),
+    Option(
+        "test_face",
+        parse_bool,
+        False,
+        "also publish one synthesized, marked test face",
+        flag_only_value="true",
+    ),
+    Option("report", parse_bool, False, "print a JSON summary on stdout", flag_only_value="true"),
     *OUTBOX_OPTIONS,
     *MQTT_OPTIONS,
     *LOGGING_OPTIONS,
@@ -85,6 +102,8 @@ class PublishConfig:
     detector: str
     wait: float
     max_bytes: int
+    test_face: bool
+    report: bool
     outbox: OutboxConfig
     mqtt: MqttConfig
     logging: LoggingConfig
@@ -146,6 +165,65 @@ def load_face(
     return meta.face_id, data
 
 
+TEST_FACE_SIZE: Final = (360, 120)  # width, height
+
+
+def make_test_face(device: str, detector: str, now: datetime) -> tuple[str, bytes]:
+    """(face_id, message): an image that reads "facepipe test face", the device and the time,
+    with a new face id. It is a valid face to the writer, stored like any other; its
+    ``detector`` field says where it came from."""
+    import cv2
+    import numpy as np
+
+    width, height = TEST_FACE_SIZE
+    image = np.full((height, width, 3), (150, 90, 40), np.uint8)  # BGR: a dark blue
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.putText(image, "facepipe test face", (12, 48), font, 0.9, (255, 255, 255), 2)
+    cv2.putText(image, device[:40], (12, 80), font, 0.5, (255, 255, 255), 1)
+    cv2.putText(image, contract.format_time(now), (12, 104), font, 0.5, (255, 255, 255), 1)
+    ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise ConfigError("--test-face: OpenCV cannot encode a JPEG")
+    meta = contract.validate_metadata(
+        {
+            "v": contract.SCHEMA_VERSION,
+            "face_id": str(uuid.uuid4()),
+            "device_id": device,
+            "captured_at": contract.format_time(now),
+            "frame": 0,
+            "bbox": [0, 0, width, height],
+            "detector": detector,
+        }
+    )
+    return meta.face_id, contract.encode_face(jpeg.tobytes(), meta)
+
+
+def report(
+    device: str, faces: list[tuple[str, bytes]], waiting: set[str], bridge_up: bool, seconds: float
+) -> str:
+    """The ``--report`` line: what a script needs to find each face (its key below the writer's
+    S3 prefix) and whether the cloud has acknowledged it."""
+    entries = []
+    for face_id, payload in faces:
+        meta, _ = contract.decode_face(payload, None)
+        entries.append(
+            {
+                "face_id": face_id,
+                "captured_at": contract.format_time(meta.captured_at),
+                "key": contract.face_key("", meta),
+                "acknowledged": face_id not in waiting,
+            }
+        )
+    body = {
+        "device_id": device,
+        "faces": entries,
+        "bridge_up": bridge_up,
+        "seconds": round(seconds, 3),
+        "waiting": len(waiting),
+    }
+    return json.dumps(body, separators=(",", ":"))
+
+
 def run(argv: list[str] | None = None) -> int:
     cfg, files = parse_config_and_arguments(
         PublishConfig, PROG, "Publish faces with end-to-end delivery.", "files", argv
@@ -155,6 +233,8 @@ def run(argv: list[str] | None = None) -> int:
     device = resolve_device_id(cfg.device_id)
     window = contract.TimeWindow(max_age=timedelta(seconds=cfg.outbox.outbox_max_age))
     faces = [load_face(Path(f), device, cfg.detector, cfg.max_bytes, window) for f in files]
+    if cfg.test_face:
+        faces.append(make_test_face(device, cfg.detector, datetime.now(UTC)))
     if len({face_id for face_id, _ in faces}) != len(faces):
         raise ConfigError("two files hold the same face (the same face id)")
     settings = MqttSettings.from_config(cfg.mqtt, default_client_id=f"{PROG}-{device}")
@@ -196,7 +276,8 @@ def run(argv: list[str] | None = None) -> int:
         log.error("cannot write the outbox %s: %s", cfg.outbox.outbox_dir, exc)
         return EXIT_FAILED
     publishing.session.start()
-    deadline = time.monotonic() + cfg.wait
+    started = time.monotonic()
+    deadline = started + cfg.wait
     try:
         while delivery.outbox.depth and time.monotonic() < deadline:
             publishing.tick()
@@ -205,8 +286,12 @@ def run(argv: list[str] | None = None) -> int:
         publishing.session.stop()
         publishing.tick(force=True)
         left = delivery.outbox.depth
+        waiting = {face_id for face_id, _ in faces if face_id in delivery.outbox}
+        bridge_up = delivery.bridge_up
         publishing.close()
     log.info("done: %s", format_counters({**counters.snapshot(), **counters.gauges()}))
+    if cfg.report:
+        print(report(device, faces, waiting, bridge_up, time.monotonic() - started), flush=True)
     if counters.get("publish_refused"):
         log.error(
             "the broker refused %d face(s); is --device-id %s this edge's device id?",
