@@ -36,6 +36,12 @@ def main() -> int:
     p.add_argument("--wait", type=float, default=180)
     p.add_argument("--truth", help="ground truth JSON of the sample clip")
     p.add_argument("--max-check", type=int, default=200, help="objects to inspect in detail")
+    p.add_argument(
+        "--deploy-checks",
+        type=int,
+        default=0,
+        help="test faces of the deploy check (detector deploy-check) each device must have, exactly",
+    )
     args = p.parse_args()
     devices = [d for d in args.devices.split(",") if d]
     s3 = boto3.client(
@@ -73,6 +79,15 @@ def main() -> int:
         truth_frames = int(truth["frames"])
         truth_segments = [(s["start"], s["end"]) for s in truth["segments"] if s["faces"]]
     in_segment = outside = 0
+    test_faces: Counter[str] = Counter()
+    for o in objs:  # the deploy check's test faces: no frame of the clip, counted on their own
+        if KEY_RE.match(o["Key"]):
+            head = s3.head_object(Bucket=args.bucket, Key=o["Key"])
+            if head.get("Metadata", {}).get("detector") == "deploy-check":
+                test_faces[o["Key"].split("/")[1]] += 1
+    for d in devices:
+        if test_faces[d] != args.deploy_checks:
+            problems.append(f"device {d}: {test_faces[d]} deploy-check faces, wanted {args.deploy_checks}")
     for o in objs[: args.max_check]:
         key = o["Key"]
         m = KEY_RE.match(key)
@@ -99,7 +114,7 @@ def main() -> int:
         body = s3.get_object(Bucket=args.bucket, Key=key)["Body"].read(3)
         if body[:2] != b"\xff\xd8":
             problems.append(f"{key}: body is not a JPEG")
-        if truth_segments is not None:
+        if truth_segments is not None and meta["detector"] != "deploy-check":
             frame = int(meta["frame"]) % truth_frames  # a looped clip keeps counting frames
             if any(a <= frame < b for a, b in truth_segments):
                 in_segment += 1
@@ -115,6 +130,7 @@ def main() -> int:
         "checked": min(len(objs), args.max_check),
         "frames_in_face_segments": in_segment,
         "frames_outside": outside,
+        "deploy_check_faces": dict(test_faces),
         "examples": [o["Key"] for o in objs[:3]],
         "problems": problems,
     }
