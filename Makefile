@@ -4,6 +4,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 VENV      ?= .venv
+DEPLOY_VENV ?= .venv-deploy
 PY        := $(VENV)/bin/python
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
@@ -15,12 +16,13 @@ APT_PACKAGES := mosquitto mosquitto-clients debootstrap debian-archive-keyring s
 	iproute2 nftables openssh-client rsync curl ca-certificates python3-venv chromium \
 	chromium-driver
 
-.PHONY: help deps venv lock lint unit molecule test lab lab-down bench clean
+.PHONY: help deps venv deploy-tools lock lint unit molecule test lab lab-down bench clean
 
 help:
 	@echo "make lab       build the local lab (edge + cloud hosts, S3) and run facepipe end to end"
 	@echo "make lab-down  stop and remove the lab"
 	@echo "make test      all tests: lint, unit/integration (services), molecule scenarios"
+	@echo "make deploy-tools  the light controller environment for a real site (.venv-deploy/)"
 	@echo "make lint | unit | molecule | bench | deps | venv | lock"
 
 deps:  ## Debian packages (needs root; installs only what is missing)
@@ -41,12 +43,23 @@ $(STAMP): requirements/controller.txt services/pyproject.toml services/constrain
 
 venv: $(STAMP)
 
+# The light controller for real sites: ansible-core, cryptography, build and community.crypto
+# (~100 MB), the versions of requirements/controller.txt. make lint deploys the PKI with it.
+$(DEPLOY_VENV)/.installed: requirements/deploy.in requirements/controller.txt scripts/deploy-collections
+	python3 -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install -q --upgrade pip
+	$(DEPLOY_VENV)/bin/pip install -q -c requirements/controller.txt -r requirements/deploy.in
+	$(DEPLOY_VENV)/bin/python scripts/deploy-collections $(DEPLOY_VENV)
+	touch $@
+
+deploy-tools: $(DEPLOY_VENV)/.installed
+
 lock: $(STAMP)  ## re-pin requirements/controller.txt from requirements/controller.in
 	cd requirements && ../$(BIN)/pip install -q -r controller.in
 	( echo "# Generated from requirements/controller.in by 'make lock'; do not edit by hand."; \
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^-e ' ) > requirements/controller.txt
 
-PY_SCRIPTS := scripts/lab-up scripts/moto-server
+PY_SCRIPTS := scripts/lab-up scripts/moto-server scripts/deploy-collections
 
 # promtool checks files/prometheus. It comes out of Debian's prometheus package without installing
 # it (installing would start a Prometheus server on this machine).
@@ -58,7 +71,7 @@ $(PROMTOOL): | $(STAMP)
 	dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > "$(CURDIR)/$@.part"
 	chmod 0755 $@.part && mv $@.part $@
 
-lint: $(STAMP) $(PROMTOOL)
+lint: $(STAMP) $(PROMTOOL) $(DEPLOY_VENV)/.installed
 	cd services && ../$(BIN)/ruff check . && ../$(BIN)/ruff format --check .
 	cd services && ../$(BIN)/mypy --ignore-missing-imports src
 	$(BIN)/mypy --ignore-missing-imports molecule/_lab/lab.py
@@ -66,7 +79,9 @@ lint: $(STAMP) $(PROMTOOL)
 	$(PY) scripts/check-argument-specs.py
 	$(BIN)/ansible-playbook -i localhost, scripts/check-bad-variables.yml
 	$(PY) scripts/check-site-facts.py
-	$(PY) scripts/check-pki-renewal.py
+	$(PY) scripts/deploy-collections --check
+	$(DEPLOY_VENV)/bin/python scripts/check-pki-renewal.py  # the CA and certificates, by the light controller
+	$(DEPLOY_VENV)/bin/ansible-playbook -i inventory/example playbooks/site.yml --syntax-check
 	cd files/prometheus && $(CURDIR)/$(PROMTOOL) check rules facepipe-rules.yml \
 		&& $(CURDIR)/$(PROMTOOL) test rules facepipe-rules.test.yml
 	PATH="$(CURDIR)/$(BIN):$$PATH" ansible-lint --profile production
@@ -83,7 +98,7 @@ molecule: deps $(STAMP)
 
 test: lint unit molecule
 
-lab: deps $(STAMP)
+lab: deps $(STAMP) $(DEPLOY_VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/lab-up
 
 lab-down:
@@ -93,4 +108,4 @@ bench: deps $(STAMP)
 	cd services && ../$(PY) bench/bench_detector.py && ../$(PY) bench/bench_writer.py && ../$(PY) bench/bench_outbox.py
 
 clean:
-	rm -rf $(VENV) services/build services/dist .lab
+	rm -rf $(VENV) $(DEPLOY_VENV) services/build services/dist .lab
