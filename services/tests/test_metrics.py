@@ -5,12 +5,15 @@ expose never fires, silently. These tests scrape the real programs and check eve
 
 from __future__ import annotations
 
+import http.client
 import re
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,7 @@ from facepipe.config import (
     parse_config,
     parse_networks,
 )
-from facepipe.stats import Counters, is_allowed, serve_metrics
+from facepipe.stats import MAX_SCRAPES, Counters, is_allowed, serve_metrics
 
 RULES = Path(__file__).resolve().parents[2] / "files" / "prometheus" / "facepipe-rules.yml"
 
@@ -47,45 +50,89 @@ def exposed(text: str) -> dict[str, float]:
     return values
 
 
-def test_loopback_scrapes_by_default_and_other_addresses_get_403():
+@contextmanager
+def endpoint(address: str, allowed: str, counters: Counters | None = None, port: int = 0):
+    served = serve_metrics(
+        "facepipe_test", counters or Counters(["frames"]), address, port, parse_networks(allowed)
+    )
+    try:
+        yield served
+    finally:
+        served.close()
+
+
+def refused(port: int, host: str = "127.0.0.1") -> bool:
+    """The connection is closed without an answer (nothing read, no thread started)."""
+    try:
+        scrape(port, host)
+    except (urllib.error.URLError, ConnectionError, http.client.HTTPException):
+        return True
+    return False
+
+
+def test_loopback_scrapes_by_default_and_other_peers_are_closed_on():
     counters = Counters(["frames"], ["source_up"])
     counters.inc("frames", 3)
-    default = parse_networks(next(o for o in LOGGING_OPTIONS if o.name == "metrics_allow").default)
-    server = serve_metrics("facepipe_test", counters, "127.0.0.1", 0, default)
-    try:
-        status, text = scrape(server.server_port)
+    default = next(o for o in LOGGING_OPTIONS if o.name == "metrics_allow").default
+    with endpoint("127.0.0.1", default, counters) as served:
+        assert served.bound.wait(5)
+        status, text = scrape(served.port)
         assert status == 200
         assert exposed(text)["facepipe_test_frames_total"] == 3
         assert exposed(text)["facepipe_test_source_up"] == 0
-    finally:
-        server.shutdown()
-        server.server_close()
-    server = serve_metrics(
-        "facepipe_test", counters, "127.0.0.1", 0, parse_networks("192.0.2.0/24")
-    )
-    try:
-        status, text = scrape(server.server_port)
-        assert status == 403
-        assert "facepipe_test_frames_total" not in text
-        assert "FACEPIPE_METRICS_ALLOW" in text
-    finally:
-        server.shutdown()
-        server.server_close()
+    with endpoint("127.0.0.1", "192.0.2.0/24", counters) as served:
+        assert served.bound.wait(5)
+        assert refused(served.port)
+
+
+def test_idle_connections_from_outside_cannot_tie_the_metrics_up():
+    """Connections from outside the allow-list are closed on arrival, and even allowed ones
+    beyond MAX_SCRAPES: a flood of idle sockets leaves the scraper served."""
+    with endpoint("127.0.0.1", "192.0.2.0/24") as outside:
+        assert outside.bound.wait(5)
+        flood = [socket.create_connection(("127.0.0.1", outside.port)) for _ in range(50)]
+        try:
+            for sock in flood:  # each was closed by the server: reading gives EOF at once
+                sock.settimeout(5)
+                assert sock.recv(1) == b""
+        finally:
+            for sock in flood:
+                sock.close()
+    with endpoint("127.0.0.1", "127.0.0.0/8") as served:
+        assert served.bound.wait(5)
+        idle = [socket.create_connection(("127.0.0.1", served.port)) for _ in range(MAX_SCRAPES)]
+        try:
+            time.sleep(0.3)
+            assert refused(served.port)  # every slot is taken by an idle connection
+        finally:
+            for sock in idle:
+                sock.close()
+        wait_for(lambda: not refused(served.port) or None, 10, "a free slot")
+
+
+def test_a_port_that_cannot_be_opened_is_retried_and_the_program_runs_on(caplog):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        served = serve_metrics("facepipe_test", Counters([]), "127.0.0.1", port, (), retry=0.2)
+        try:
+            wait_for(lambda: "cannot listen on 127.0.0.1" in caplog.text, 5, "the error")
+            assert not served.bound.is_set()
+            taken.close()
+            assert served.bound.wait(5), "not opened once the port was free"
+            assert caplog.text.count("cannot listen") == 1  # once per reason, not per attempt
+        finally:
+            served.close()
 
 
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
 def test_a_dual_stack_listener_matches_ipv4_peers_against_ipv4_prefixes():
-    counters = Counters(["frames"])
-    try:
-        server = serve_metrics("facepipe_test", counters, "::", 0, parse_networks("127.0.0.1"))
-    except ConfigError as exc:
-        pytest.skip(f"cannot listen on [::]: {exc}")
-    try:
-        assert scrape(server.server_port, "127.0.0.1")[0] == 200  # seen as ::ffff:127.0.0.1
-        assert scrape(server.server_port, "::1")[0] == 403
-    finally:
-        server.shutdown()
-        server.server_close()
+    with endpoint("::", "127.0.0.1") as served:
+        if not served.bound.wait(5):
+            pytest.skip("cannot listen on [::] here")
+        assert scrape(served.port, "127.0.0.1")[0] == 200  # seen as ::ffff:127.0.0.1
+        assert refused(served.port, "::1")
 
 
 @pytest.mark.parametrize(
@@ -109,14 +156,6 @@ def test_a_metrics_allow_list_with_a_name_or_a_bad_prefix_is_refused_by_name(val
     with pytest.raises(ConfigError, match="FACEPIPE_METRICS_ALLOW") as error:
         parse_config(LoggingConfig, "t", "t", argv=[], environ={"FACEPIPE_METRICS_ALLOW": value})
     assert "not host names" in str(error.value)
-
-
-def test_a_taken_metrics_port_is_a_config_error_naming_the_option():
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        with pytest.raises(ConfigError, match="FACEPIPE_METRICS_PORT: cannot listen"):
-            serve_metrics("facepipe_test", Counters([]), "127.0.0.1", taken.getsockname()[1])
 
 
 def rule_metrics(program: str) -> set[str]:
@@ -158,7 +197,11 @@ def scrape_program(program: str, env: dict[str, str], tmp_path: Path) -> dict[st
 
 
 def test_a_dead_camera_shows_in_the_metrics_the_alert_rules_read(mosquitto: Broker, tmp_path):
-    camera = {"FACEPIPE_SOURCE": "/dev/video97", "FACEPIPE_DEVICE_ID": "cam-metrics.1"}
+    camera = {
+        "FACEPIPE_SOURCE": "/dev/video97",
+        "FACEPIPE_DEVICE_ID": "cam-metrics.1",
+        "FACEPIPE_OUTBOX_DIR": str(tmp_path / "outbox"),  # as the roles run it
+    }
     values = scrape_program("detector", program_env(mosquitto.env, camera), tmp_path)
     assert values["facepipe_detector_source_up"] == 0
 

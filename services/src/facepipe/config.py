@@ -289,7 +289,7 @@ LOGGING_OPTIONS: tuple[Option, ...] = (
         "metrics_allow",
         networks,
         "127.0.0.0/8 ::1/128",
-        "addresses or prefixes that may scrape the metrics (others get 403)",
+        "addresses or prefixes that may scrape the metrics (others: closed on arrival)",
     ),
 )
 

@@ -310,7 +310,9 @@ def run(argv: list[str] | None = None) -> int:
     detector = build_finder(cfg)
     source = open_source(cfg.source, realtime=cfg.realtime, loop=cfg.loop, fps=cfg.fps)
 
-    counters = Counters([*COUNTERS, *DELIVERY_COUNTERS], [*GAUGES, *DELIVERY_GAUGES])
+    # The outbox's gauges exist only with an outbox (they would stay 0: bridge_up=0 forever).
+    outbox_gauges = DELIVERY_GAUGES if cfg.outbox.outbox_dir else ()
+    counters = Counters([*COUNTERS, *DELIVERY_COUNTERS], [*GAUGES, *outbox_gauges])
     notifier = Notifier()
     stop = stop_on_signals()
 

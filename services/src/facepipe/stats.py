@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Final, cast
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from facepipe.config import ConfigError, Network
+from facepipe.config import Network
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,57 @@ def is_allowed(remote: str, allowed: Sequence[Network]) -> bool:
     return any(address in network for network in allowed)
 
 
+MAX_SCRAPES: Final = 8  # connections served at once; more are closed on arrival
+SCRAPE_TIMEOUT: Final = 10.0  # seconds a connection may idle (a slow client frees its thread)
+BIND_RETRY: Final = 30.0  # seconds between attempts to open a port that could not be opened
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = SCRAPE_TIMEOUT
+
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged (one line per scrape would drown the journal)."""
+
+
+class _GatedServer(ThreadingWSGIServer):
+    """Closes a connection from outside the allow-list, or beyond MAX_SCRAPES, on arrival:
+    before a thread is started or a byte is read, so nobody outside can tie the service up."""
+
+    allowed: Sequence[Network] = ()
+
+    def server_activate(self) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().server_activate()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if not is_allowed(str(client_address[0]), self.allowed):
+            return False
+        return self._slots.acquire(blocking=False)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class MetricsEndpoint:
+    """The metrics port, opened in the background: ``bound`` is set once it listens."""
+
+    def __init__(self) -> None:
+        self.bound = threading.Event()
+        self.closed = threading.Event()
+        self.server: _GatedServer | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port if self.server else 0
+
+    def close(self) -> None:
+        self.closed.set()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
 
 
 def serve_metrics(
@@ -84,40 +132,63 @@ def serve_metrics(
     address: str,
     port: int,
     allowed: Sequence[Network] = (),
-) -> ThreadingWSGIServer:
+    retry: float = BIND_RETRY,
+) -> MetricsEndpoint:
     """Expose the counters as ``<prefix>_<name>_total`` on http://address:port/metrics.
 
-    Only peers inside ``allowed`` get an answer; any other gets 403. The unit's IPAddressAllow=
-    may also drop them earlier, but face-writer's unit cannot (it talks to S3 anywhere).
+    Only peers inside ``allowed`` are served; any other connection is closed at once (the
+    unit's IPAddressAllow= may drop it earlier, but face-writer's unit cannot: it talks to S3
+    anywhere). A port that cannot be opened (taken, or an address not yet assigned at boot) is
+    logged and tried again every ``retry`` seconds: metrics never stop the service.
     """
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_Collector(prefix, counters))
-    metrics = make_wsgi_app(registry)
+    app = make_wsgi_app(registry)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    server_class = type("Server", (_GatedServer,), {"address_family": family, "allowed": allowed})
+    endpoint = MetricsEndpoint()
 
-    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if is_allowed(environ.get("REMOTE_ADDR", ""), allowed):
-            return metrics(environ, start_response)  # type: ignore[no-any-return]
-        start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"not in this service's metrics allow-list (FACEPIPE_METRICS_ALLOW)\n"]
+    reported = ""
 
-    class Server(ThreadingWSGIServer):
-        address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    def open_port() -> bool:
+        nonlocal reported
+        try:
+            server = cast(
+                _GatedServer,
+                make_server(address, port, app, server_class, handler_class=_QuietHandler),
+            )
+        except (OSError, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if reason != reported:  # once per reason, not every attempt
+                log.error(
+                    "FACEPIPE_METRICS_PORT: cannot listen on %s:%d (%s); trying again every "
+                    "%.0f s, the service runs on without metrics",
+                    address,
+                    port,
+                    reason,
+                    retry,
+                )
+                reported = reason
+            return False
+        endpoint.server = server
+        endpoint.bound.set()
+        log.info(
+            "metrics on http://%s:%d/metrics for %s",
+            address,
+            server.server_port,
+            ", ".join(str(network) for network in allowed) or "this host only",
+        )
+        return True
 
-    try:
-        server = make_server(address, port, guarded, Server, handler_class=_QuietHandler)
-    except (OSError, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(
-            f"--metrics-port / FACEPIPE_METRICS_PORT: cannot listen on {address}:{port}: {reason}"
-        ) from None
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info(
-        "metrics on http://%s:%d/metrics for %s",
-        address,
-        server.server_port,
-        ", ".join(str(network) for network in allowed) or "nobody",
-    )
-    return server
+    def run() -> None:
+        while endpoint.server is None and not endpoint.closed.wait(retry):
+            open_port()
+        if endpoint.server is not None:  # always served once opened: close() waits for it
+            endpoint.server.serve_forever()
+
+    open_port()  # at once, so a scrape right after start finds the port open
+    threading.Thread(target=run, name="metrics", daemon=True).start()
+    return endpoint
 
 
 def format_counters(values: dict[str, int | float]) -> str:
