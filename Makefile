@@ -44,7 +44,7 @@ $(STAMP): requirements/controller.txt services/pyproject.toml services/constrain
 venv: $(STAMP)
 
 # The light controller for real sites: ansible-core, cryptography, build and community.crypto
-# (~100 MB), the versions of requirements/controller.txt. make lint deploys the PKI with it.
+# (~70 MB), the versions of requirements/controller.txt. make lint deploys the PKI with it.
 $(DEPLOY_VENV)/.installed: requirements/deploy.in requirements/controller.txt scripts/deploy-collections
 	python3 -m venv $(DEPLOY_VENV)
 	$(DEPLOY_VENV)/bin/pip install -q --upgrade pip

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
-from conftest import Broker, program_env, wait_for
+from conftest import Broker, free_port, program_env, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 from test_writer import (
     _no_leaked_writers,  # noqa: F401 (autouse: no leaked writers)
@@ -453,12 +453,18 @@ def test_a_test_face_reports_where_it_is_stored_once_the_cloud_has_it(mosquitto,
     waited = json.loads(alone.stdout)
     assert waited["device_id"] == DEVICE and waited["waiting"] == 1
     assert [f["acknowledged"] for f in waited["faces"]] == [False]
+    assert waited["broker_connected"] is True and waited["bridge_up"] is None  # no state topic
+    # No broker at all: the report says the face never left this host.
+    nobody = SimpleNamespace(env={**mosquitto.env, "FACEPIPE_MQTT_PORT": str(free_port())})
+    unreachable = run_publish(nobody, tmp_path / "outbox-2", *args, wait="2")
+    assert unreachable.returncode == 3, unreachable.stderr
+    assert json.loads(unreachable.stdout)["broker_connected"] is False
     writer = start_writer(writer_env(mosquitto, s3), tmp_path / "writer.log")
     try:
         sent = run_publish(mosquitto, outbox, *args)
         assert sent.returncode == 0, sent.stderr
         body = json.loads(sent.stdout)  # stdout is the report alone
-        assert body["waiting"] == 0 and body["bridge_up"] is True and body["seconds"] > 0
+        assert body["waiting"] == 0 and body["broker_connected"] and body["seconds"] > 0
         (face,) = body["faces"]
         assert face["acknowledged"] and face["face_id"] != waited["faces"][0]["face_id"]
         assert face["key"].startswith(f"{DEVICE}/")

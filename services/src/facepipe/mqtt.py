@@ -168,6 +168,11 @@ class MqttSession:
         )
         self.client.loop_start()
 
+    @property
+    def ever_connected(self) -> bool:
+        """Whether the broker accepted a connection since start()."""
+        return self._ever_connected
+
     def wait_connected(self, timeout: float | None = None) -> bool:
         return self.connected.wait(timeout)
 

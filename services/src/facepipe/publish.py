@@ -17,8 +17,9 @@ accepted into the outbox (fsync'd) before anything is published; then everything
 test face", a new face id each time; name it with ``--detector``, e.g. ``deploy-check``): the
 deploy check (playbooks/check.yml) sends one through every edge. ``--report`` prints one JSON
 object on stdout at the end: the device, each face (id, capture time, its S3 key below the
-writer's prefix, whether the cloud acknowledged it), whether the edge's bridge was up, the
-seconds taken and the faces still waiting.
+writer's prefix, whether the cloud acknowledged it), whether the local broker took the
+connection, whether the edge's bridge was up (null without a bridge state topic), the seconds
+taken and the faces still waiting.
 
 Exit status: 0 the writer is done with every face (stored; or set aside, which its log and the
 bucket's rejected/ show); 3 some still wait in the outbox (a later run publishes them again);
@@ -78,7 +79,12 @@ log = logging.getLogger(__name__)
 
 OPTIONS: Final = (
     Option("device_id", device_id, None, "device id in topics and metadata (default: hostname)"),
-    Option("detector", non_empty, "external", "detector named in the metadata of plain JPEGs"),
+    Option(
+        "detector",
+        non_empty,
+        "external",
+        "detector named in the metadata of plain JPEGs and of the test face",
+    ),
     Option("wait", float_range(0), 60.0, "seconds to wait for the cloud's acknowledgements"),
     Option("max_bytes", int_range(1024, 256 * 1024 * 1024), 1024 * 1024, "largest message"),
     Option(
@@ -199,10 +205,18 @@ def make_test_face(device: str, detector: str, now: datetime) -> tuple[str, byte
 
 
 def report(
-    device: str, faces: list[tuple[str, bytes]], waiting: set[str], bridge_up: bool, seconds: float
+    device: str,
+    faces: list[tuple[str, bytes]],
+    waiting: set[str],
+    *,
+    broker_connected: bool,
+    bridge_up: bool | None,
+    seconds: float,
 ) -> str:
     """The ``--report`` line: what a script needs to find each face (its key below the writer's
-    S3 prefix) and whether the cloud has acknowledged it."""
+    S3 prefix), whether the cloud has acknowledged it, and where a face that waits is stuck:
+    the local broker (``broker_connected``) or the bridge (``bridge_up``: None without a
+    bridge state topic)."""
     entries = []
     for face_id, payload in faces:
         meta, _ = contract.decode_face(payload, None)
@@ -217,6 +231,7 @@ def report(
     body = {
         "device_id": device,
         "faces": entries,
+        "broker_connected": broker_connected,
         "bridge_up": bridge_up,
         "seconds": round(seconds, 3),
         "waiting": len(waiting),
@@ -287,11 +302,23 @@ def run(argv: list[str] | None = None) -> int:
         publishing.tick(force=True)
         left = delivery.outbox.depth
         waiting = {face_id for face_id, _ in faces if face_id in delivery.outbox}
-        bridge_up = delivery.bridge_up
+        bridge_up = delivery.bridge_up if delivery.bridge_state_topic else None
+        broker_connected = publishing.session.ever_connected
         publishing.close()
     log.info("done: %s", format_counters({**counters.snapshot(), **counters.gauges()}))
     if cfg.report:
-        print(report(device, faces, waiting, bridge_up, time.monotonic() - started), flush=True)
+        seconds = time.monotonic() - started
+        print(
+            report(
+                device,
+                faces,
+                waiting,
+                broker_connected=broker_connected,
+                bridge_up=bridge_up,
+                seconds=seconds,
+            ),
+            flush=True,
+        )
     if counters.get("publish_refused"):
         log.error(
             "the broker refused %d face(s); is --device-id %s this edge's device id?",
