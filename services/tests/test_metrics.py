@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import re
 import socket
+import socketserver
 import subprocess
 import time
 import urllib.error
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from conftest import Broker, free_port, program_env, start_program, wait_for
 
+from facepipe import stats
 from facepipe.config import (
     LOGGING_OPTIONS,
     ConfigError,
@@ -209,3 +211,43 @@ def test_a_dead_camera_shows_in_the_metrics_the_alert_rules_read(mosquitto: Brok
 def test_every_writer_metric_the_alert_rules_read_is_exposed(mosquitto: Broker, s3, tmp_path):
     client = {"FACEPIPE_MQTT_CLIENT_ID": f"w-{uuid.uuid4().hex[:8]}"}
     scrape_program("writer", program_env(mosquitto.env, s3.env, client), tmp_path)
+
+
+def test_a_thread_that_cannot_start_gives_its_slot_back(monkeypatch):
+    """A passing shortage (no thread could start) must not use up the scrape slots for good."""
+    original = socketserver.ThreadingMixIn.process_request
+    failures = {"left": MAX_SCRAPES + 2}
+
+    def flaky(self, request, client_address):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise RuntimeError("can't start new thread")
+        return original(self, request, client_address)
+
+    monkeypatch.setattr(socketserver.ThreadingMixIn, "process_request", flaky)
+    monkeypatch.setattr(socketserver.BaseServer, "handle_error", lambda *args: None)
+    with endpoint("127.0.0.1", "127.0.0.0/8") as served:
+        assert served.bound.wait(5)
+        for _ in range(MAX_SCRAPES + 2):
+            assert refused(served.port)
+        assert scrape(served.port)[0] == 200
+
+
+def test_a_client_that_trickles_bytes_is_cut_at_the_deadline(monkeypatch):
+    monkeypatch.setattr(stats, "SCRAPE_TIMEOUT", 1.0)
+    with endpoint("127.0.0.1", "127.0.0.0/8") as served:
+        assert served.bound.wait(5)
+        with socket.create_connection(("127.0.0.1", served.port)) as slow:
+            slow.settimeout(0.3)
+            started = time.monotonic()
+            closed = False
+            while time.monotonic() - started < 5 and not closed:
+                try:
+                    slow.send(b"G")  # a byte at a time, never a whole request line
+                    closed = slow.recv(1) == b""
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+            assert closed, "still open after 5 s"
+            assert time.monotonic() - started < 3

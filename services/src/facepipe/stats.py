@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -79,7 +81,23 @@ BIND_RETRY: Final = 30.0  # seconds between attempts to open a port that could n
 
 
 class _QuietHandler(WSGIRequestHandler):
-    timeout = SCRAPE_TIMEOUT
+    timeout = SCRAPE_TIMEOUT  # per read
+
+    def setup(self) -> None:
+        super().setup()
+        # And per connection: a client that trickles a byte now and then is cut at the deadline.
+        self._deadline = threading.Timer(SCRAPE_TIMEOUT, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged (one line per scrape would drown the journal)."""
@@ -100,11 +118,25 @@ class _GatedServer(ThreadingWSGIServer):
             return False
         return self._slots.acquire(blocking=False)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self._slots.release()  # no thread will give the slot back
+            raise
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that timed out or went away is not worth a traceback in the journal."""
+        if isinstance(sys.exc_info()[1], OSError):
+            log.debug("metrics: %s from %s", sys.exc_info()[1], client_address[0])
+            return
+        super().handle_error(request, client_address)
 
 
 class MetricsEndpoint:
@@ -113,6 +145,7 @@ class MetricsEndpoint:
     def __init__(self) -> None:
         self.bound = threading.Event()
         self.closed = threading.Event()
+        self.lock = threading.Lock()  # closed and server change together
         self.server: _GatedServer | None = None
 
     @property
@@ -120,10 +153,12 @@ class MetricsEndpoint:
         return self.server.server_port if self.server else 0
 
     def close(self) -> None:
-        self.closed.set()
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+        with self.lock:
+            self.closed.set()
+            server = self.server
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
 
 def serve_metrics(
@@ -170,7 +205,11 @@ def serve_metrics(
                 )
                 reported = reason
             return False
-        endpoint.server = server
+        with endpoint.lock:
+            if endpoint.closed.is_set():  # closed while this was binding
+                server.server_close()
+                return False
+            endpoint.server = server
         endpoint.bound.set()
         log.info(
             "metrics on http://%s:%d/metrics for %s",
