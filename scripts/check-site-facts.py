@@ -180,6 +180,23 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
         {"face_detector_metrics_port": 70000},
         "face_detector_metrics_port (70000)",
     ),
+    ("a privileged metrics port", "edge", {"face_detector_metrics_port": 80}, "1024 to 65535"),
+    (
+        "the broker's port for metrics",
+        "cloud",
+        {"face_writer_metrics_port": 8883},
+        "is taken on this host by mosquitto_tls_listener_port",
+    ),
+    (
+        "a scraper with a netmask",
+        "cloud",
+        {
+            "face_writer_metrics_port": 9102,
+            "face_writer_metrics_address": "0.0.0.0",
+            "face_writer_metrics_scrapers": ["192.0.2.9/255.255.255.0"],
+        },
+        "no netmask",
+    ),
     ("no writer password", "cloud", {"face_writer_mqtt_password": ""}, "face_writer_mqtt_password is empty"),
     ("a null writer password", "cloud", {"face_writer_mqtt_password": None}, "face_writer_mqtt_password is empty"),
     (

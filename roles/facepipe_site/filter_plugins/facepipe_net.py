@@ -10,15 +10,23 @@ from typing import Any
 MIN_PREFIX = {4: 8, 6: 32}
 
 
-def metrics_problems(port: Any, address: Any, scrapers: Any, role: str) -> list[str]:
-    """What is wrong with a role's metrics port, address and scrapers (empty: nothing)."""
+def metrics_problems(port: Any, address: Any, scrapers: Any, role: str, taken: Any = None) -> list[str]:
+    """What is wrong with a role's metrics port, address and scrapers (empty: nothing).
+
+    ``taken``: {port: what uses it} on the same host (the brokers' listeners, the other service)."""
     problems: list[str] = []
     try:
         number = int(str(port))
     except ValueError:
         number = -1
-    if not 0 <= number <= 65535:
-        problems.append(f"{role}_metrics_port ({port}) must be 0 (off) to 65535")
+    if number != 0 and not 1024 <= number <= 65535:
+        problems.append(
+            f"{role}_metrics_port ({port}) must be 0 (off) or 1024 to 65535 (the service runs "
+            "unprivileged and cannot open a lower port)"
+        )
+    for other, user in (taken or {}).items():
+        if number > 0 and str(other) == str(number):
+            problems.append(f"{role}_metrics_port ({port}) is taken on this host by {user}")
     try:
         bind = ipaddress.ip_address(str(address))
     except ValueError:
@@ -28,6 +36,13 @@ def metrics_problems(port: Any, address: Any, scrapers: Any, role: str) -> list[
         return [*problems, f"{role}_metrics_scrapers must be a list of addresses or prefixes"]
     networks = []
     for item in scrapers:
+        text = str(item)
+        if "%" in text or ("/" in text and not text.split("/", 1)[1].isdigit()):
+            problems.append(
+                f"{role}_metrics_scrapers: {item!r}: write an address or address/length "
+                "(no zone, no netmask: systemd's IPAddressAllow= ignores those)"
+            )
+            continue
         try:
             network = ipaddress.ip_network(str(item), strict=False)
         except ValueError:
