@@ -44,6 +44,9 @@ BASE: dict[str, Any] = {
     }
 }
 
+# A case's value that removes the variable from the base inventory (a required one left out).
+UNSET = object()
+
 # Values no output may show, whatever the case (the checks name variables, never values).
 SECRETS = ("not-a-real-password", "change-me-camera", "Str0ng-pw")
 
@@ -199,6 +202,9 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ),
     ("no writer password", "cloud", {"face_writer_mqtt_password": ""}, "face_writer_mqtt_password is empty"),
     ("a null writer password", "cloud", {"face_writer_mqtt_password": None}, "face_writer_mqtt_password is empty"),
+    ("no writer password at all", "cloud", {"face_writer_mqtt_password": UNSET}, "face_writer_mqtt_password is empty"),
+    ("no bucket at all", "cloud", {"face_writer_s3_bucket": UNSET}, "face_writer_s3_bucket is not set"),
+    ("an empty bucket", "cloud", {"face_writer_s3_bucket": ""}, "face_writer_s3_bucket is not set"),
     (
         "a placeholder in mosquitto_users",
         "cloud",
@@ -236,12 +242,17 @@ def inventory_for(where: str, variables: dict[str, Any]) -> dict[str, Any]:
     inventory = copy.deepcopy(BASE)
     groups = inventory["all"]["children"]
     if where == "all":
-        inventory["all"]["vars"].update(variables)
+        target = inventory["all"]["vars"]
     elif where in groups:
-        groups[where]["vars"].update(variables)
+        target = groups[where]["vars"]
     else:
         group = "edge" if where.startswith("edge") else "cloud"
-        groups[group]["hosts"][where].update(variables)
+        target = groups[group]["hosts"][where]
+    for name, value in variables.items():
+        if value is UNSET:
+            target.pop(name, None)
+        else:
+            target[name] = value
     return inventory
 
 
