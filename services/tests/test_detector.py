@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import signal
 import socket
 import subprocess
@@ -58,6 +60,10 @@ class Collector:
     def statuses(self) -> list[tuple[bytes, bool]]:
         with self.lock:
             return [(p, r) for t, p, r in self.messages if t == f"faces/{DEVICE}/status"]
+
+    def words(self) -> list[bytes]:
+        """The statuses in order, without the retain flag."""
+        return [p for p, _ in self.statuses()]
 
     def close(self) -> None:
         self.client.disconnect()
@@ -161,6 +167,7 @@ def test_published_metadata_and_crops_are_valid(clip_run, sample_clip):
 
 def test_status_goes_online_then_offline_and_stays_retained(clip_run):
     assert [p for p, _ in clip_run.statuses] == [b"online", b"offline"], clip_run.statuses
+    assert all(p.decode() in contract.STATUSES for p, _ in clip_run.statuses)
     assert clip_run.retained_after == [(b"offline", True)]
 
 
@@ -188,14 +195,9 @@ def test_missing_camera_keeps_retrying_and_sigterm_exits_0(mosquitto, tmp_path):
     collector = Collector(mosquitto.host, mosquitto.port)
     proc = start_program("detector", detector_env(mosquitto, "/dev/video97"), log=log)
     try:
-        wait_for(
-            lambda: (
-                (b"online", True) in collector.statuses()
-                or (b"online", False) in collector.statuses()
-            ),
-            15,
-            "status online",
-        )
+        # Connected, but the camera is missing: the retained status says so (not "online").
+        wait_for(lambda: b"camera-down" in collector.words(), 15, "status camera-down")
+        assert b"online" not in collector.words(), collector.statuses()
         time.sleep(2.5)  # several reopen attempts
         assert proc.poll() is None, log.read_text()
         proc.send_signal(signal.SIGTERM)
@@ -208,6 +210,38 @@ def test_missing_camera_keeps_retrying_and_sigterm_exits_0(mosquitto, tmp_path):
     assert "Traceback" not in text
     wait_for(lambda: collector.statuses()[-1][0] == b"offline", 10, "status offline")
     collector.close()
+
+
+def test_a_camera_that_comes_back_turns_the_status_online_again(mosquitto, sample_clip, tmp_path):
+    """An HTTP camera that refuses connections, then serves: camera-down, then online."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    cut_clip(sample_clip[0], tmp_path / "clip.avi", 0, 120)
+    port = free_port()
+    collector = Collector(mosquitto.host, mosquitto.port)
+    log = tmp_path / "detector.log"
+    env = detector_env(mosquitto, f"http://127.0.0.1:{port}/clip.avi")
+    proc = start_program("detector", env, log=log)
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server: http.server.ThreadingHTTPServer | None = None
+    try:
+        wait_for(lambda: b"camera-down" in collector.words(), 20, "status camera-down")
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        wait_for(lambda: b"online" in collector.words(), 60, "status online once it serves")
+        words = collector.words()
+        assert words.index(b"online") > words.index(b"camera-down"), words
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if server is not None:
+            server.shutdown()
+        collector.close()
 
 
 def cut_clip(clip: Path, out: Path, start: int, end: int) -> Path:

@@ -471,6 +471,16 @@ def status_topic(prefix: str, device_id: str) -> str:
     return f"{prefix}/{device_id}/status"
 
 
+# The detector's retained status (``status_topic``), one of these UTF-8 words:
+# running and connected, the camera delivering frames (or a file playing);
+STATUS_ONLINE: Final = "online"
+# running and connected, but the camera cannot be opened or stopped delivering frames;
+STATUS_CAMERA_DOWN: Final = "camera-down"
+# not running: a clean exit, or the Last Will when its connection died.
+STATUS_OFFLINE: Final = "offline"
+STATUSES: Final = (STATUS_ONLINE, STATUS_CAMERA_DOWN, STATUS_OFFLINE)
+
+
 ACK_SUFFIX: Final = "-ack"
 
 

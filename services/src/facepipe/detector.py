@@ -65,8 +65,6 @@ from facepipe.tracking import Observation, Tracker
 PROG: Final = "face-detector"
 log = logging.getLogger(__name__)
 
-ONLINE: Final = b"online"
-OFFLINE: Final = b"offline"
 
 OPTIONS: Final = (
     Option(
@@ -323,7 +321,7 @@ def run(argv: list[str] | None = None) -> int:
         settings,
         device=device,
         counters=counters,
-        will=Will(status, OFFLINE, qos=1, retain=True),
+        will=Will(status, contract.STATUS_OFFLINE.encode(), qos=1, retain=True),
         # Live: paho's queue is the bound (beyond it a face waits in the outbox, or without
         # one is dropped and counted). Files: unbounded in paho, bounded by wait_room.
         max_queued=cfg.max_queued if source.live else 0,
@@ -360,13 +358,15 @@ def run(argv: list[str] | None = None) -> int:
     reporter = StatsReporter(
         counters, cfg.logging.stats_interval, notifier.status, {"frames": "fps"}
     )
-    announced = 0
+    announced = (0, "")
 
     def tick() -> None:
         nonlocal announced
-        if session.connects != announced:  # (re)connected: the Will may have said offline
-            announced = session.connects
-            publisher.publish_status(status, ONLINE)
+        # After every (re)connect (the Will may have said offline) and every change of the camera.
+        state = (session.connects, _status(source))
+        if state != announced and session.connected.is_set():
+            announced = state
+            publisher.publish_status(status, state[1].encode())
         publishing.tick()
         counters.set_gauge("pending", publisher.pending())
         counters.set_gauge("source_up", 0.0 if source.live and not _up(source) else 1.0)
@@ -401,7 +401,7 @@ def run(argv: list[str] | None = None) -> int:
     if not drained:
         log.warning("%d message(s) not acknowledged before the drain timeout", publisher.pending())
     if session.connected.is_set():
-        mid = publisher.publish_status(status, OFFLINE)
+        mid = publisher.publish_status(status, contract.STATUS_OFFLINE.encode())
         deadline = time.monotonic() + 5.0
         while not publisher.is_acked(mid) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -417,6 +417,12 @@ def run(argv: list[str] | None = None) -> int:
         )
     log.info("stopped: %s", reporter.line())
     return 0
+
+
+def _status(source: FrameSource) -> str:
+    """camera-down while a live source fails (not while its first attempt is under way)."""
+    failing = bool(getattr(source, "failing", False))
+    return contract.STATUS_CAMERA_DOWN if source.live and failing else contract.STATUS_ONLINE
 
 
 def _up(source: FrameSource) -> bool:

@@ -209,6 +209,9 @@ class LiveSource(FrameSource):
         self._index = 0
         self._state = ""
         self.opened = threading.Event()  # set while the source delivers frames
+        # True once an attempt failed (cannot be opened, stopped delivering) until frames come
+        # again; False while the first attempt is still under way.
+        self.failing = False
         self._thread = threading.Thread(target=self._run, name="grabber", daemon=True)
         self._thread.start()
 
@@ -232,6 +235,7 @@ class LiveSource(FrameSource):
             cap = self._open()
             if not cap.isOpened():
                 cap.release()
+                self.failing = True
                 self._set_state("cannot be opened; retrying with backoff")
             else:
                 own = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
@@ -257,6 +261,7 @@ class LiveSource(FrameSource):
             if not ok or image is None:
                 self.read_errors += 1
                 if now - last_ok > FAIL_SECONDS or not delivered:
+                    self.failing = True
                     self._set_state("stopped delivering frames; reopening with backoff")
                     return delivered
                 time.sleep(0.05)
@@ -265,6 +270,7 @@ class LiveSource(FrameSource):
             if not delivered:
                 delivered = True
                 self.opened.set()
+                self.failing = False
                 self._set_state(
                     f"delivering frames ({image.shape[1]}x{image.shape[0]})", logging.INFO
                 )
