@@ -40,7 +40,12 @@ def main() -> int:
         "--deploy-checks",
         type=int,
         default=0,
-        help="test faces of the deploy check (detector deploy-check) each device must have, exactly",
+        help="test faces of the deploy check (detector deploy-check) each device must have, exactly; -1: any",
+    )
+    p.add_argument(
+        "--require-ids",
+        default="",
+        help="comma-separated face ids that must each be stored exactly once (e.g. an outbox's before a drain)",
     )
     args = p.parse_args()
     devices = [d for d in args.devices.split(",") if d]
@@ -85,8 +90,13 @@ def main() -> int:
             head = s3.head_object(Bucket=args.bucket, Key=o["Key"])
             if head.get("Metadata", {}).get("detector") == "deploy-check":
                 test_faces[o["Key"].split("/")[1]] += 1
+    stored_ids = Counter(m["face_id"] for m in (KEY_RE.match(o["Key"]) for o in objs) if m)
+    required = [i for i in args.require_ids.split(",") if i]
+    for face_id in required:
+        if stored_ids[face_id] != 1:
+            problems.append(f"face {face_id}: stored {stored_ids[face_id]} times, wanted once")
     for d in devices:
-        if test_faces[d] != args.deploy_checks:
+        if args.deploy_checks >= 0 and test_faces[d] != args.deploy_checks:
             problems.append(f"device {d}: {test_faces[d]} deploy-check faces, wanted {args.deploy_checks}")
     for o in objs[: args.max_check]:
         key = o["Key"]
@@ -131,6 +141,7 @@ def main() -> int:
         "frames_in_face_segments": in_segment,
         "frames_outside": outside,
         "deploy_check_faces": dict(test_faces),
+        "required_ids_stored_once": sum(1 for i in required if stored_ids[i] == 1),
         "examples": [o["Key"] for o in objs[:3]],
         "problems": problems,
     }
