@@ -76,6 +76,7 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("a detector limit above the broker's", "edge", {"face_detector_max_bytes": 2097152}, "face_detector_max_bytes"),
     ("the device id in the env", "edge1", {"face_detector_env": {"FACEPIPE_DEVICE_ID": "x"}}, "facepipe_site"),
     ("the CA in the env", "cloud", {"face_writer_env": {"FACEPIPE_MQTT_TLS_CA": "/x"}}, "mqtt_pki_ca_dest"),
+    ("the detect rate in the env", "edge", {"face_detector_env": {"FACEPIPE_DETECT_FPS": 5}}, "detect_fps"),
     ("a line break in an env name", "edge", {"face_detector_env": {"A=1\nB": 1}}, "not names"),
     ("a misspelt env name", "edge", {"face_detector_env": {"facepipe_loop": True}}, "not names"),
     ("an env list", "cloud", {"face_writer_env": ["FACEPIPE_WORKERS=4"]}, "are mappings"),

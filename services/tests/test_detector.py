@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import itertools
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from facepipe import contract
 from facepipe.delivery import BrokerPublisher
-from facepipe.detector import COUNTERS, encode_within
+from facepipe.detector import COUNTERS, RateGate, encode_within
 from facepipe.mqtt import MqttSession, MqttSettings
 from facepipe.stats import Counters
 
@@ -242,6 +243,58 @@ def test_a_camera_that_comes_back_turns_the_status_online_again(mosquitto, sampl
         if server is not None:
             server.shutdown()
         collector.close()
+
+
+def test_the_rate_gate_lets_through_at_most_fps_frames_per_second():
+    gate = RateGate(5.0)
+    times = [i / 30 for i in range(300)]  # 10 s of a 30 fps camera
+    passed = [t for t in times if gate.due(t)]
+    assert 49 <= len(passed) <= 51, len(passed)
+    # Never two within a frame of each other: the average holds, the gaps vary by one frame.
+    assert all(b - a > 0.2 - 1 / 30 - 1e-9 for a, b in itertools.pairwise(passed))
+    # After a pause, one frame goes through, not a burst that catches up.
+    assert gate.due(100.0) and not gate.due(100.05) and gate.due(100.2)
+
+
+def test_the_rate_gate_at_0_and_on_slower_sources_lets_every_frame_through():
+    assert all(RateGate(0.0).due(i / 30) for i in range(100))
+    gate = RateGate(5.0)
+    assert all(gate.due(i * 0.5) for i in range(20))  # 2 fps under a cap of 5
+
+
+def test_a_stream_is_detected_at_detect_fps_and_the_rest_skipped(mosquitto, sample_clip, tmp_path):
+    """A 20 fps HTTP stream with FACEPIPE_DETECT_FPS=2: about 2 detections a second."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    cut_clip(sample_clip[0], tmp_path / "clip.avi", 0, 200)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    log = tmp_path / "detector.log"
+    url = f"http://127.0.0.1:{server.server_address[1]}/clip.avi"
+    env = detector_env(mosquitto, url, detect_fps="2", stats_interval="1")
+    proc = start_program("detector", env, log=log)
+    try:
+        wait_for(
+            lambda: "skipped=" in log.read_text() and " frames=" in log.read_text(), 20, "stats"
+        )
+        time.sleep(4)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.shutdown()
+    stopped = [line for line in log.read_text().splitlines() if "stopped:" in line][-1]
+    counts = {k: float(v) for k, v in (f.split("=") for f in stopped.split() if "=" in f)}
+    detected = counts["frames"] - counts["skipped"]
+    assert counts["skipped"] > 0, stopped
+    # A clip read as fast as FFmpeg goes: at most 2 detections per second of its source time.
+    assert detected <= counts["frames"] / 2, stopped
 
 
 def cut_clip(clip: Path, out: Path, start: int, end: int) -> Path:

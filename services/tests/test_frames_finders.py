@@ -16,7 +16,14 @@ from facepipe import sampleclip
 from facepipe.boxes import Box
 from facepipe.config import ConfigError
 from facepipe.finders import HaarFinder, YuNetFinder, crop_quality, sharpness
-from facepipe.frames import ImageFolderSource, LiveSource, VideoFileSource, open_source
+from facepipe.frames import (
+    CameraMode,
+    ImageFolderSource,
+    LiveSource,
+    VideoFileSource,
+    fourcc,
+    open_source,
+)
 
 
 def write_folder(path, n: int, size=(64, 48)) -> None:
@@ -116,6 +123,86 @@ def test_live_source_keeps_only_the_latest_frame(sample_clip, monkeypatch):
     assert second.index > first.index + 1
     assert src.dropped > 0
     assert second.source_time > first.source_time
+
+
+class FakeCamera:
+    """A V4L2 capture that records what it was asked and offers 640x480 at 30 fps in YUYV only."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, float]] = []
+        self.props = {
+            cv2.CAP_PROP_FRAME_WIDTH: 640.0,
+            cv2.CAP_PROP_FRAME_HEIGHT: 480.0,
+            cv2.CAP_PROP_FPS: 30.0,
+            cv2.CAP_PROP_FOURCC: float(cv2.VideoWriter.fourcc(*"YUYV")),
+        }
+
+    def isOpened(self) -> bool:
+        return True
+
+    def read(self) -> tuple[bool, None]:
+        return False, None
+
+    def release(self) -> None:
+        pass
+
+    def set(self, prop: int, value: float) -> bool:
+        self.calls.append((prop, value))
+        return True
+
+    def get(self, prop: int) -> float:
+        return self.props.get(prop, 0.0)
+
+
+def test_a_camera_is_asked_for_the_format_first_then_size_and_rate(monkeypatch, caplog):
+    """V4L2 offers sizes and rates per pixel format: the format must be set before them, and a
+    camera that gives something else is said so, once."""
+    fake = FakeCamera()
+    monkeypatch.setattr(cv2, "VideoCapture", lambda *args: fake)
+    monkeypatch.setattr(LiveSource, "_run", lambda self: None)  # no grabber: _open is called here
+    src = LiveSource("/dev/video97", "camera /dev/video97", CameraMode(1280, 720, 15.0, "MJPG"))
+    try:
+        with caplog.at_level("WARNING", logger="facepipe.frames"):
+            src._open()
+            src._open()  # a reopen asks again but does not say it again
+    finally:
+        src._closed.set()
+    asked = [prop for prop, _ in fake.calls if prop != cv2.CAP_PROP_BUFFERSIZE]
+    assert asked[:4] == [
+        cv2.CAP_PROP_FOURCC,
+        cv2.CAP_PROP_FRAME_WIDTH,
+        cv2.CAP_PROP_FRAME_HEIGHT,
+        cv2.CAP_PROP_FPS,
+    ]
+    assert (cv2.CAP_PROP_FOURCC, float(cv2.VideoWriter.fourcc(*"MJPG"))) in fake.calls
+    said = [r.getMessage() for r in caplog.records if "asked for" in r.getMessage()]
+    assert said == [
+        "camera /dev/video97: asked for 1280x720 15 fps MJPG, the camera gives 640x480 30 fps YUYV "
+        "(v4l2-ctl --list-formats-ext lists what it offers)"
+    ]
+
+
+def test_a_camera_without_a_mode_is_asked_for_nothing(monkeypatch):
+    fake = FakeCamera()
+    monkeypatch.setattr(cv2, "VideoCapture", lambda *args: fake)
+    monkeypatch.setattr(LiveSource, "_run", lambda self: None)
+    src = open_source("/dev/video97")
+    try:
+        src._open()
+    finally:
+        src.close()
+    assert [prop for prop, _ in fake.calls] == [cv2.CAP_PROP_BUFFERSIZE] * len(fake.calls)
+
+
+@pytest.mark.parametrize(("text", "value"), [("mjpg", "MJPG"), (" YUYV ", "YUYV"), ("", "")])
+def test_pixel_formats(text, value):
+    assert fourcc(text) == value
+
+
+@pytest.mark.parametrize("text", ["MJPEG", "MJ", "MJ/G"])
+def test_bad_pixel_formats_are_refused(text):
+    with pytest.raises(ValueError, match="four-character pixel format"):
+        fourcc(text)
 
 
 @pytest.fixture(scope="module")

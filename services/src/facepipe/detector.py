@@ -17,6 +17,7 @@ publish the retained ``offline`` status, disconnect cleanly, exit 0.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ from facepipe.delivery import (
     start_publishing,
 )
 from facepipe.finders import FaceFinder, HaarFinder, YuNetFinder, crop_quality, set_threads
-from facepipe.frames import Frame, FrameSource, open_source
+from facepipe.frames import CameraMode, Frame, FrameSource, fourcc, open_source
 from facepipe.logsetup import setup_logging
 from facepipe.mqtt import MqttSettings, Will
 from facepipe.notify import Notifier, stop_on_signals
@@ -86,6 +87,28 @@ OPTIONS: Final = (
     ),
     Option(
         "fps", float_range(0, 1000), 0.0, "frame rate of folders / files without one (0 = auto)"
+    ),
+    Option(
+        "camera_width", int_range(0, 10000), 0, "V4L2 camera: frame width to ask for (0 = its own)"
+    ),
+    Option(
+        "camera_height",
+        int_range(0, 10000),
+        0,
+        "V4L2 camera: frame height to ask for (0 = its own)",
+    ),
+    Option(
+        "camera_fps", float_range(0, 1000), 0.0, "V4L2 camera: frame rate to ask for (0 = its own)"
+    ),
+    Option(
+        "camera_format", fourcc, "", "V4L2 camera: pixel format such as MJPG or YUYV ('' = its own)"
+    ),
+    Option(
+        "detect_fps",
+        float_range(0, 1000),
+        0.0,
+        "camera or stream: detect at most this often per second, skipping the frames between "
+        "(0 = every frame)",
     ),
     Option("min_interval", float_range(0), 2.0, "seconds of source time between a track's faces"),
     Option("jpeg_quality", int_range(1, 100), 90, "JPEG quality of published crops"),
@@ -135,6 +158,11 @@ class DetectorConfig:
     realtime: bool
     loop: bool
     fps: float
+    camera_width: int
+    camera_height: int
+    camera_fps: float
+    camera_format: str
+    detect_fps: float
     min_interval: float
     jpeg_quality: int
     crop_margin: float
@@ -169,6 +197,7 @@ COUNTERS: Final = (
     "publish_refused",
     "too_large_dropped",
     "read_errors",
+    "skipped",
 )
 GAUGES: Final = ("pending", "source_up")
 
@@ -306,7 +335,11 @@ def run(argv: list[str] | None = None) -> int:
     if cfg.mqtt.qos == 0:
         log.warning("--qos 0: faces may be lost on the way to the broker")
     detector = build_finder(cfg)
-    source = open_source(cfg.source, realtime=cfg.realtime, loop=cfg.loop, fps=cfg.fps)
+    camera = CameraMode(cfg.camera_width, cfg.camera_height, cfg.camera_fps, cfg.camera_format)
+    source = open_source(
+        cfg.source, realtime=cfg.realtime, loop=cfg.loop, fps=cfg.fps, camera=camera
+    )
+    gate = RateGate(cfg.detect_fps if source.live else 0.0)
 
     # The outbox's gauges exist only with an outbox (they would stay 0: bridge_up=0 forever).
     outbox_gauges = DELIVERY_GAUGES if cfg.outbox.outbox_dir else ()
@@ -385,7 +418,10 @@ def run(argv: list[str] | None = None) -> int:
                     break
                 continue
             counters.inc("frames")
-            pipeline.process(frame)
+            if gate.due(frame.source_time):
+                pipeline.process(frame)
+            else:
+                counters.inc("skipped")
             if not source.live:  # a file loses nothing: wait for room rather than drop
                 publisher.wait_room(stop, tick)
                 while publishing.outbox_full() and not stop.is_set():
@@ -417,6 +453,25 @@ def run(argv: list[str] | None = None) -> int:
         )
     log.info("stopped: %s", reporter.line())
     return 0
+
+
+class RateGate:
+    """Lets at most ``fps`` frames per second of source time through (0: every frame). A frame
+    is due once 1/fps has passed since the last one let through, so a slower source loses none."""
+
+    def __init__(self, fps: float) -> None:
+        self.period = 1.0 / fps if fps > 0 else 0.0
+        self._next = -math.inf
+
+    def due(self, source_time: float) -> bool:
+        if source_time < self._next:
+            return False
+        # From the due time, not the frame's, so frames 33 ms apart still average fps; after a
+        # pause (or the first frame) from this frame, so no burst catches up.
+        self._next += self.period
+        if self._next <= source_time:
+            self._next = source_time + self.period
+        return True
 
 
 def _status(source: FrameSource) -> str:

@@ -45,6 +45,41 @@ OPTION = "--source / FACEPIPE_SOURCE"
 
 
 @dataclass(frozen=True, slots=True)
+class CameraMode:
+    """What to ask a V4L2 camera for; 0 / "" leave the camera's own default. Streams and files
+    ignore it (their sender decides)."""
+
+    width: int = 0
+    height: int = 0
+    fps: float = 0.0
+    fourcc: str = ""  # pixel format, e.g. MJPG (most USB cameras need it above 640x480) or YUYV
+
+    def __bool__(self) -> bool:
+        return bool(self.width or self.height or self.fps or self.fourcc)
+
+    def describe(self) -> str:
+        size = f"{self.width or '?'}x{self.height or '?'}" if self.width or self.height else ""
+        rate = f"{self.fps:g} fps" if self.fps else ""
+        return " ".join(part for part in (size, rate, self.fourcc) if part)
+
+
+def fourcc(text: str) -> str:
+    """A V4L2 pixel format: four characters (letters, digits, blanks), e.g. MJPG or YUYV; "" = the
+    camera's default."""
+    value = text.strip().upper()
+    if value and (len(value) != 4 or not all(c.isalnum() or c == " " for c in value)):
+        raise ValueError(
+            f"expected a four-character pixel format such as MJPG or YUYV, got {text!r}"
+        )
+    return value
+
+
+def _fourcc_name(code: float) -> str:
+    number = int(code)
+    return "".join(chr((number >> (8 * i)) & 0xFF) for i in range(4)).strip("\x00 ")
+
+
+@dataclass(frozen=True, slots=True)
 class Frame:
     index: int
     source_time: float
@@ -199,10 +234,11 @@ class LiveSource(FrameSource):
 
     live = True
 
-    def __init__(self, target: int | str, description: str) -> None:
+    def __init__(self, target: int | str, description: str, mode: CameraMode | None = None) -> None:
         super().__init__()
         self.target = target
         self.description = description
+        self.mode = mode or CameraMode()
         self._cond = threading.Condition()
         self._latest: Frame | None = None
         self._start = time.monotonic()
@@ -220,9 +256,39 @@ class LiveSource(FrameSource):
             api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
             cap = cv2.VideoCapture(self.target, api)
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+            if cap.isOpened() and self.mode:
+                self._apply_mode(cap)
             return cap
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 10000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 10000]
         return cv2.VideoCapture(self.target, cv2.CAP_FFMPEG, params)
+
+    def _apply_mode(self, cap: cv2.VideoCapture) -> None:
+        """Ask for the configured mode (pixel format first: V4L2 picks the sizes and rates a
+        format offers) and say once when the camera gives something else."""
+        mode = self.mode
+        if mode.fourcc:
+            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter.fourcc(*mode.fourcc))
+        if mode.width:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, mode.width)
+        if mode.height:
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, mode.height)
+        if mode.fps:
+            cap.set(cv2.CAP_PROP_FPS, mode.fps)
+        got = CameraMode(
+            int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) if mode.width else 0,
+            int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)) if mode.height else 0,
+            float(cap.get(cv2.CAP_PROP_FPS)) if mode.fps else 0.0,
+            _fourcc_name(cap.get(cv2.CAP_PROP_FOURCC)) if mode.fourcc else "",
+        )
+        if (got.width, got.height, got.fourcc) != (
+            mode.width,
+            mode.height,
+            mode.fourcc.strip(),
+        ) or (mode.fps and abs(got.fps - mode.fps) > 0.5):
+            self._set_state(
+                f"asked for {mode.describe()}, the camera gives {got.describe()} "
+                "(v4l2-ctl --list-formats-ext lists what it offers)"
+            )
 
     def _set_state(self, state: str, level: int = logging.WARNING) -> None:
         if state != self._state:  # once per state change, not once per retry
@@ -305,19 +371,25 @@ def is_camera(spec: str) -> bool:
 
 
 def open_source(
-    spec: str, *, realtime: bool = True, loop: bool = False, fps: float = 0.0
+    spec: str,
+    *,
+    realtime: bool = True,
+    loop: bool = False,
+    fps: float = 0.0,
+    camera: CameraMode | None = None,
 ) -> FrameSource:
-    """Open ``FACEPIPE_SOURCE``: an integer or /dev/video* is a camera, ``scheme://`` a
-    stream, a folder a sequence of images (sorted by name), anything else a video file."""
+    """Open ``FACEPIPE_SOURCE``: an integer or /dev/video* is a camera (asked for ``camera``'s
+    mode), ``scheme://`` a stream, a folder a sequence of images (sorted by name), anything else a
+    video file."""
     text = spec.strip()
     if not text:
         raise ConfigError(f"{OPTION}: must not be empty")
     if text.isdigit():
-        return LiveSource(int(text), f"camera {text}")
+        return LiveSource(int(text), f"camera {text}", camera)
     if is_camera(text):
         # /dev/v4l/by-id/... and by-path/... are udev's stable names for /dev/videoN (whose numbers
         # move between boots); V4L2 opens the device node, so resolve the link once, here.
-        return LiveSource(os.path.realpath(text), f"camera {text}")
+        return LiveSource(os.path.realpath(text), f"camera {text}", camera)
     if "://" in text:
         scheme = text.split("://", 1)[0].lower()
         if scheme not in {"rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt"}:
