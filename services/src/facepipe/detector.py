@@ -101,7 +101,10 @@ OPTIONS: Final = (
         "camera_fps", float_range(0, 1000), 0.0, "V4L2 camera: frame rate to ask for (0 = its own)"
     ),
     Option(
-        "camera_format", fourcc, "", "V4L2 camera: pixel format such as MJPG or YUYV ('' = its own)"
+        "camera_format",
+        fourcc,
+        None,
+        "V4L2 camera: pixel format such as MJPG or YUYV (default: its own)",
     ),
     Option(
         "detect_fps",
@@ -161,7 +164,7 @@ class DetectorConfig:
     camera_width: int
     camera_height: int
     camera_fps: float
-    camera_format: str
+    camera_format: str | None
     detect_fps: float
     min_interval: float
     jpeg_quality: int
@@ -335,7 +338,9 @@ def run(argv: list[str] | None = None) -> int:
     if cfg.mqtt.qos == 0:
         log.warning("--qos 0: faces may be lost on the way to the broker")
     detector = build_finder(cfg)
-    camera = CameraMode(cfg.camera_width, cfg.camera_height, cfg.camera_fps, cfg.camera_format)
+    camera = CameraMode(
+        cfg.camera_width, cfg.camera_height, cfg.camera_fps, cfg.camera_format or ""
+    )
     source = open_source(
         cfg.source, realtime=cfg.realtime, loop=cfg.loop, fps=cfg.fps, camera=camera
     )
