@@ -194,12 +194,15 @@ def test_a_camera_without_a_mode_is_asked_for_nothing(monkeypatch):
     assert [prop for prop, _ in fake.calls] == [cv2.CAP_PROP_BUFFERSIZE] * len(fake.calls)
 
 
-@pytest.mark.parametrize(("text", "value"), [("mjpg", "MJPG"), (" YUYV ", "YUYV"), ("", "")])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("MJPG", "MJPG"), (" YUYV ", "YUYV"), ("Y16", "Y16 "), ("pBAA", "pBAA"), ("", "")],
+)
 def test_pixel_formats(text, value):
     assert fourcc(text) == value
 
 
-@pytest.mark.parametrize("text", ["MJPEG", "MJ", "MJ/G"])
+@pytest.mark.parametrize("text", ["MJPEG", "MJ/G", "Y 16", "MJPÉ"])
 def test_bad_pixel_formats_are_refused(text):
     with pytest.raises(ValueError, match="four-character pixel format"):
         fourcc(text)

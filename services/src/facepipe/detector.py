@@ -402,9 +402,13 @@ def run(argv: list[str] | None = None) -> int:
         nonlocal announced
         # After every (re)connect (the Will may have said offline) and every change of the camera.
         state = (session.connects, _status(source))
-        if state != announced and session.connected.is_set():
+        # A full paho queue refuses the status (None): the next tick tries again.
+        if (
+            state != announced
+            and session.connected.is_set()
+            and publisher.publish_status(status, state[1].encode()) is not None
+        ):
             announced = state
-            publisher.publish_status(status, state[1].encode())
         publishing.tick()
         counters.set_gauge("pending", publisher.pending())
         counters.set_gauge("source_up", 0.0 if source.live and not _up(source) else 1.0)

@@ -60,18 +60,21 @@ class CameraMode:
     def describe(self) -> str:
         size = f"{self.width or '?'}x{self.height or '?'}" if self.width or self.height else ""
         rate = f"{self.fps:g} fps" if self.fps else ""
-        return " ".join(part for part in (size, rate, self.fourcc) if part)
+        return " ".join(part for part in (size, rate, self.fourcc.strip()) if part)
 
 
 def fourcc(text: str) -> str:
-    """A V4L2 pixel format: four characters (letters, digits, blanks), e.g. MJPG or YUYV; "" = the
-    camera's default."""
-    value = text.strip().upper()
-    if value and (len(value) != 4 or not all(c.isalnum() or c == " " for c in value)):
+    """A V4L2 pixel format as V4L2 names it: up to four letters or digits, case as given
+    (``MJPG``, ``YUYV``, ``pBAA``), padded with blanks to four (``Y16`` is ``"Y16 "``); "" = the
+    camera's own."""
+    value = text.strip()
+    if not value:
+        return ""
+    if len(value) > 4 or not value.isascii() or not value.isalnum():
         raise ValueError(
             f"expected a four-character pixel format such as MJPG or YUYV, got {text!r}"
         )
-    return value
+    return value.ljust(4)
 
 
 def _fourcc_name(code: float) -> str:
