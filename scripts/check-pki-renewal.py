@@ -111,7 +111,7 @@ def main() -> int:
         site = Path(tmp) / "site"
         rc, out = play(site, "--check")
         expect(
-            rc == 0 and "the first real run creates them" in out and not site.exists(),
+            rc == 0 and "first real run creates them" in out and not site.exists(),
             "check mode on a fresh controller passes and writes nothing",
             out,
         )
