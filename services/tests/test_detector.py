@@ -213,25 +213,32 @@ def test_missing_camera_keeps_retrying_and_sigterm_exits_0(mosquitto, tmp_path):
     collector.close()
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def serve_folder(folder: Path, port: int = 0) -> http.server.ThreadingHTTPServer:
+    """An HTTP camera: ``folder``'s files on 127.0.0.1:``port`` (0: any free port), served from a
+    thread until ``shutdown()``."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def test_a_camera_that_comes_back_turns_the_status_online_again(mosquitto, sample_clip, tmp_path):
     """An HTTP camera that refuses connections, then serves: camera-down, then online."""
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
     cut_clip(sample_clip[0], tmp_path / "clip.avi", 0, 120)
     port = free_port()
     collector = Collector(mosquitto.host, mosquitto.port)
     log = tmp_path / "detector.log"
     env = detector_env(mosquitto, f"http://127.0.0.1:{port}/clip.avi")
     proc = start_program("detector", env, log=log)
-    handler = functools.partial(Quiet, directory=str(tmp_path))
     server: http.server.ThreadingHTTPServer | None = None
     try:
         wait_for(lambda: b"camera-down" in collector.words(), 20, "status camera-down")
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = serve_folder(tmp_path, port)
         wait_for(lambda: b"online" in collector.words(), 60, "status online once it serves")
         words = collector.words()
         assert words.index(b"online") > words.index(b"camera-down"), words
@@ -264,16 +271,8 @@ def test_the_rate_gate_at_0_and_on_slower_sources_lets_every_frame_through():
 
 def test_a_stream_is_detected_at_detect_fps_and_the_rest_skipped(mosquitto, sample_clip, tmp_path):
     """A 20 fps HTTP stream with FACEPIPE_DETECT_FPS=2: about 2 detections a second."""
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
     cut_clip(sample_clip[0], tmp_path / "clip.avi", 0, 200)
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path))
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_folder(tmp_path)
     log = tmp_path / "detector.log"
     url = f"http://127.0.0.1:{server.server_address[1]}/clip.avi"
     env = detector_env(mosquitto, url, detect_fps="2", stats_interval="1")

@@ -485,8 +485,7 @@ class RateGate:
 
 def _status(source: FrameSource) -> str:
     """camera-down while a live source fails (not while its first attempt is under way)."""
-    failing = bool(getattr(source, "failing", False))
-    return contract.STATUS_CAMERA_DOWN if source.live and failing else contract.STATUS_ONLINE
+    return contract.STATUS_CAMERA_DOWN if source.failing else contract.STATUS_ONLINE
 
 
 def _up(source: FrameSource) -> bool:

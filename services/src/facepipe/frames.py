@@ -96,6 +96,8 @@ class FrameSource:
 
     live = False
     description = ""
+    # A live source whose last attempt failed (cannot be opened, stopped delivering frames).
+    failing = False
 
     def __init__(self) -> None:
         self.dropped = 0  # frames skipped because the consumer was behind (live only)
@@ -248,8 +250,7 @@ class LiveSource(FrameSource):
         self._index = 0
         self._state = ""
         self.opened = threading.Event()  # set while the source delivers frames
-        # True once an attempt failed (cannot be opened, stopped delivering) until frames come
-        # again; False while the first attempt is still under way.
+        # True from a failed attempt until frames come again; False during the first attempt.
         self.failing = False
         self._thread = threading.Thread(target=self._run, name="grabber", daemon=True)
         self._thread.start()
