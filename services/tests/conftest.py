@@ -61,6 +61,8 @@ class Broker:
     workdir: Path
     port: int = field(default_factory=free_port)
     autosave: int = 1  # seconds between persistence snapshots (mosquitto's autosave_interval)
+    max_queued: int = 100000  # messages queued per client (mosquitto's max_queued_messages)
+    sys_interval: int = 10  # seconds between $SYS figures (mosquitto's default)
     host: str = LOOPBACK
     process: subprocess.Popen[bytes] | None = None
 
@@ -75,7 +77,8 @@ class Broker:
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             f"autosave_interval {self.autosave}\n"
-            "max_queued_messages 100000\n"
+            f"max_queued_messages {self.max_queued}\n"
+            f"sys_interval {self.sys_interval}\n"
             f"log_dest file {self.workdir}/mosquitto.log\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )

@@ -8,12 +8,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from conftest import Broker, program_env, start_program, wait_for
+from conftest import Broker, free_port, program_env, start_program, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 from writer_helpers import FACE_TIME_BASE, Publisher, final_counter, jpeg_bytes, log_text, make_face
 
@@ -326,3 +327,45 @@ def test_mqtt_311_durable_session_stores_everything(mosquitto, s3, publisher, tm
     proc = start_writer(env, log)
     wait_for(lambda: len(face_keys(s3)) == 100, 20, "the 50 queued while away")
     assert stop_writer(proc) == 0
+
+
+def scrape_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        return str(answer.read().decode())
+
+
+def test_a_full_broker_queue_shows_in_the_writers_metrics_and_stats_line(s3, tmp_path):
+    """The cloud broker drops what does not fit a client's queue, and logs it once; the
+    writer reports the broker's own count, so the loss is seen where the faces were going."""
+    workdir = tmp_path / "mosquitto"
+    workdir.mkdir()
+    broker = Broker(workdir, max_queued=5, sys_interval=1)
+    broker.start()
+    try:
+        log = tmp_path / "writer.log"
+        env = writer_env(broker, s3)
+        assert stop_writer(start_writer(env, log)) == 0  # its durable session now waits
+        faces = [make_face("cam-1", i) for i in range(12)]
+        publisher = Publisher(broker.host, broker.port)
+        try:
+            publisher.publish_all([("faces/cam-1", p) for _, p in faces])
+        finally:
+            publisher.close()
+        port = free_port()
+        proc = start_writer({**env, "FACEPIPE_METRICS_PORT": str(port)}, log)
+
+        def dropped() -> float | None:
+            with contextlib.suppress(OSError):
+                for line in scrape_text(port).splitlines():
+                    if line.startswith("facepipe_writer_broker_dropped_total "):
+                        return float(line.split()[1])
+            return None
+
+        assert wait_for(lambda: dropped() == 7, 20, "7 dropped in the metrics")
+        wait_for(lambda: len(face_keys(s3)) == 5, 20, "the 5 queued faces stored")
+        wait_for(lambda: "broker_dropped=7" in log_text(log), 10, "the stats line")
+        assert stop_writer(proc) == 0
+        assert final_counter(log, "broker_dropped") == 7
+        assert final_counter(log, "stored") == 5
+    finally:
+        broker.stop()

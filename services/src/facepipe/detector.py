@@ -28,8 +28,9 @@ from typing import Final
 import cv2
 import numpy as np
 
-from facepipe import contract
+from facepipe import brokerstats, contract
 from facepipe.boxes import Box
+from facepipe.brokerstats import BrokerStats
 from facepipe.config import (
     LOGGING_OPTIONS,
     MQTT_OPTIONS,
@@ -348,7 +349,10 @@ def run(argv: list[str] | None = None) -> int:
 
     # The outbox's gauges exist only with an outbox (they would stay 0: bridge_up=0 forever).
     outbox_gauges = DELIVERY_GAUGES if cfg.outbox.outbox_dir else ()
-    counters = Counters([*COUNTERS, *DELIVERY_COUNTERS], [*GAUGES, *outbox_gauges])
+    counters = Counters(
+        [*COUNTERS, *DELIVERY_COUNTERS, *brokerstats.COUNTERS],
+        [*GAUGES, *outbox_gauges, *brokerstats.GAUGES],
+    )
     notifier = Notifier()
     stop = stop_on_signals()
 
@@ -366,6 +370,7 @@ def run(argv: list[str] | None = None) -> int:
         max_pending=cfg.max_queued,
     )
     session, publisher = publishing.session, publishing.publisher
+    BrokerStats(counters).attach(session)  # the edge broker's bridge queue and drops
     tracker: Tracker[tuple[Crop, datetime]] = Tracker(
         min_interval=cfg.min_interval,
         iou_threshold=cfg.iou_threshold,

@@ -116,6 +116,8 @@ class MqttSession:
         self.maximum_packet_size = maximum_packet_size
         self.durable = durable
         self.subscriptions = list(subscriptions)
+        self._watched: set[str] = set()  # topics of watch(): a refusal is a warning, not an error
+        self._suback: dict[int, str] = {}  # SUBSCRIBE packet id -> topic, for the SUBACK's log line
         self._on_message_handler = on_message
         self.connected = threading.Event()
         self._ever_connected = False
@@ -143,6 +145,16 @@ class MqttSession:
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+
+    def watch(self, topic: str, handler: MessageHandler) -> None:
+        """Also subscribe to ``topic`` at QoS 0 and hand its messages to ``handler`` (never to
+        ``on_message``). For side information such as the broker's ``$SYS`` figures: a broker
+        that refuses it only costs that information (logged once per connection).
+        Call before :meth:`start`."""
+        self.subscriptions.append((topic, 0))
+        self._watched.add(topic)
+        self.client.message_callback_add(topic, lambda _c, _u, msg: handler(msg))
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -247,7 +259,9 @@ class MqttSession:
         )
         self._ever_connected = True
         for topic, qos in self.subscriptions:
-            client.subscribe(topic, qos=qos)
+            result, mid = client.subscribe(topic, qos=qos)
+            if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._suback[mid] = topic
         self.connected.set()
 
     def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
@@ -267,6 +281,24 @@ class MqttSession:
             log.warning("connection lost: %s; reconnecting", reason)
         elif was_connected:
             log.info("disconnected")
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        topic = self._suback.pop(mid, "?")
+        failed = ", ".join(str(rc) for rc in reason_codes if rc.is_failure)
+        if not failed:
+            if topic not in self._watched:
+                log.info("subscribed to %s", topic)
+        elif topic in self._watched:
+            log.warning("subscription to %s refused: %s; going on without it", topic, failed)
+        else:
+            log.error("subscription to %s refused: %s", topic, failed)
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         if self._on_message_handler is not None:

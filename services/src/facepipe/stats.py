@@ -35,6 +35,11 @@ class Counters:
         with self._lock:
             self._values[name] = self._values.get(name, 0) + amount
 
+    def set_total(self, name: str, value: int) -> None:
+        """Set a counter that another program counts (e.g. the broker's drops since it started)."""
+        with self._lock:
+            self._values[name] = value
+
     def set_gauge(self, name: str, value: float) -> None:
         with self._lock:
             self._gauges[name] = value

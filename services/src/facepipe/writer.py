@@ -25,14 +25,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Final
 
 import paho.mqtt.client as paho
 from botocore.exceptions import BotoCoreError
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
-from facepipe import contract
+from facepipe import brokerstats, contract
+from facepipe.brokerstats import BrokerStats
 from facepipe.config import (
     LOGGING_OPTIONS,
     MQTT_OPTIONS,
@@ -655,7 +654,7 @@ def run(argv: list[str] | None = None) -> int:
     settings = build_settings(cfg.mqtt)
     setup_logging(cfg.logging.log_level)
 
-    counters = Counters(COUNTERS, GAUGES)
+    counters = Counters([*COUNTERS, *brokerstats.COUNTERS], [*GAUGES, *brokerstats.GAUGES])
     try:
         store = S3Store(cfg.s3_bucket, workers=cfg.workers)
     except (ValueError, BotoCoreError) as exc:  # e.g. a malformed AWS_ENDPOINT_URL
@@ -684,10 +683,10 @@ def run(argv: list[str] | None = None) -> int:
         maximum_packet_size=cfg.max_bytes + PACKET_OVERHEAD,
     )
     writer.session = session
+    BrokerStats(counters).attach(session)  # the cloud broker's backlog and drops
     acks = AckSender(cfg.mqtt.topic_prefix, counters)
     acks.session = session
     writer.acks = acks
-    session.client.on_subscribe = _log_subscribed(subscription)
 
     notifier = Notifier()
     stop = stop_on_signals()
@@ -745,23 +744,6 @@ def run(argv: list[str] | None = None) -> int:
     counters.set_gauge("in_flight", writer.in_flight)
     log.info("stopped: %s", reporter.line())
     return 0
-
-
-def _log_subscribed(subscription: str) -> Callable[..., None]:
-    def on_subscribe(
-        client: paho.Client,
-        userdata: Any,
-        mid: int,
-        reason_codes: list[ReasonCode],
-        properties: Properties | None,
-    ) -> None:
-        failed = [str(rc) for rc in reason_codes if rc.is_failure]
-        if failed:
-            log.error("subscription to %s refused: %s", subscription, ", ".join(failed))
-        else:
-            log.info("subscribed to %s", subscription)
-
-    return on_subscribe
 
 
 def main() -> None:
