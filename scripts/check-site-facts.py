@@ -127,6 +127,27 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
         "face_detector_metrics_port",
     ),
     (
+        "a firewall for SSH from the controller and MQTT from anywhere (control)",
+        "all",
+        {
+            "facepipe_firewall_enabled": True,
+            "facepipe_firewall_ssh_sources": ["192.0.2.10", "2001:db8::/64"],
+        },
+        None,
+    ),
+    (
+        "a firewall source by host name",
+        "all",
+        {"facepipe_firewall_enabled": True, "facepipe_firewall_ssh_sources": ["controller.example.net"]},
+        "facepipe_firewall_ssh_sources: 'controller.example.net' is not an IPv4 or IPv6 address",
+    ),
+    (
+        "a firewall source with a netmask",
+        "cloud",
+        {"facepipe_firewall_enabled": True, "facepipe_firewall_mqtt_sources": ["198.51.100.0/255.255.255.0"]},
+        "facepipe_firewall_mqtt_sources: '198.51.100.0/255.255.255.0' is not an IPv4 or IPv6 address",
+    ),
+    (
         "a metrics scraper by host name",
         "cloud",
         {

@@ -690,6 +690,9 @@ def boot(lab: str, host: Host) -> int:
         "--keep-unit",
         f"--machine={host['name']}",
         f"--network-namespace-path=/run/netns/{host['netns']}",
+        # As on a real host, root may manage the network of its own namespace (nftables rules of
+        # facepipe_firewall); nspawn grants it only with --private-network, not with a given netns.
+        "--capability=CAP_NET_ADMIN",
         "--resolv-conf=off",
         "--timezone=off",
         "--link-journal=no",

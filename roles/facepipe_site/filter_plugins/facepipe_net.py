@@ -78,6 +78,28 @@ def metrics_problems(port: Any, address: Any, scrapers: Any, role: str, taken: A
     return problems
 
 
+def source_problems(sources: Any, variable: str) -> list[str]:
+    """What is wrong with a list of addresses or prefixes a firewall lets in (empty: nothing)."""
+    if not isinstance(sources, list):
+        return [f"{variable} must be a list of addresses or prefixes"]
+    problems = []
+    for item in sources:
+        text = str(item)
+        try:
+            if "%" in text or ("/" in text and not text.split("/", 1)[1].isdigit()):
+                raise ValueError
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            problems.append(
+                f"{variable}: {item!r} is not an IPv4 or IPv6 address or address/length "
+                "(no host name, zone or netmask)"
+            )
+    return problems
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"facepipe_metrics_problems": metrics_problems}
+        return {
+            "facepipe_metrics_problems": metrics_problems,
+            "facepipe_source_problems": source_problems,
+        }
