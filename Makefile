@@ -16,7 +16,7 @@ APT_PACKAGES := mosquitto mosquitto-clients debootstrap debian-archive-keyring s
 	iproute2 nftables openssh-client rsync curl ca-certificates python3-venv chromium \
 	chromium-driver
 
-.PHONY: help deps venv deploy-tools lock lint unit molecule test lab lab-down bench clean
+.PHONY: help deps venv deploy-tools lock lint unit molecule test test-arm64 lab lab-down bench clean
 
 help:
 	@echo "make lab       build the local lab (edge + cloud hosts, S3) and run facepipe end to end"
@@ -24,6 +24,7 @@ help:
 	@echo "make test      all tests: lint, unit/integration (services), molecule scenarios"
 	@echo "make deploy-tools  the light controller environment for a real site (.venv-deploy/)"
 	@echo "make lint | unit | molecule | bench | deps | venv | lock"
+	@echo "make test-arm64  opt-in: an arm64 edge's packages, wheels and detector under qemu-user (~10 min)"
 
 deps:  ## Debian packages (needs root; installs only what is missing)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -74,7 +75,7 @@ $(PROMTOOL): | $(STAMP)
 lint: $(STAMP) $(PROMTOOL) $(DEPLOY_VENV)/.installed
 	cd services && ../$(BIN)/ruff check . && ../$(BIN)/ruff format --check .
 	cd services && ../$(BIN)/mypy --ignore-missing-imports src
-	$(BIN)/mypy --ignore-missing-imports molecule/_lab/lab.py
+	$(BIN)/mypy --ignore-missing-imports molecule/_lab/lab.py scripts/check-arm64.py
 	$(BIN)/ruff check . $(PY_SCRIPTS) && $(BIN)/ruff format --check . $(PY_SCRIPTS)
 	$(PY) scripts/check-argument-specs.py
 	$(BIN)/ansible-playbook -i localhost, scripts/check-bad-variables.yml
@@ -103,6 +104,11 @@ lab: deps $(STAMP) $(DEPLOY_VENV)/.installed
 
 lab-down:
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/lab-down
+
+# Opt-in (about 10 minutes, not part of `make test`): an arm64 edge's packages, wheels and detector in a
+# Debian arm64 chroot under qemu-user-static (scripts/check-arm64.py says why not a booted lab host).
+test-arm64: deps $(STAMP)
+	$(PY) scripts/check-arm64.py
 
 bench: deps $(STAMP)
 	cd services && ../$(PY) bench/bench_detector.py && ../$(PY) bench/bench_writer.py && ../$(PY) bench/bench_outbox.py
