@@ -113,7 +113,7 @@ def base_image(release: str) -> Path:
     shutil.copyfile(
         "/etc/ssl/certs/ca-certificates.crt", building / "usr/local/share/ca-certificates/controller-ca.crt"
     )
-    chroot(building, ["update-ca-certificates"], stdout=subprocess.DEVNULL)
+    chroot(building, ["update-ca-certificates"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shutil.rmtree(rootfs, ignore_errors=True)
     building.rename(rootfs)
     stamp.touch()
@@ -139,6 +139,9 @@ def mounted(root: Path, share: Path) -> Iterator[None]:
     finally:
         for point in reversed(targets):
             subprocess.run(["umount", "-l", str(point)], check=False)
+        still = [str(point) for point in targets if os.path.ismount(point)]
+        if still:  # never let the temporary folder's removal reach into a bound /dev
+            raise SystemExit(f"arm64: still mounted, not removing {root}: {still}")
 
 
 def free_port() -> int:
@@ -208,6 +211,12 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("arm64: run as root (debootstrap, chroot, mounts)")
+    if os.environ.get("FACEPIPE_ARM64_NS") != "1":
+        # A mount namespace of its own: the chroot's mounts (/dev bound in) vanish with this process,
+        # however it ends, and never show on the host.
+        os.environ["FACEPIPE_ARM64_NS"] = "1"
+        argv = ["unshare", "--mount", "--propagation", "private", sys.executable, *sys.argv]
+        os.execvp("unshare", argv)
     started = time.monotonic()
     qemu = ensure_binfmt()
     say(qemu)
@@ -218,7 +227,13 @@ def main() -> int:
         share.mkdir()
         run(["cp", "-a", "--reflink=auto", str(base), str(root)])
         say("building the wheel and the sample clip on the host")
-        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(share), str(ROOT / "services")])
+        # From a copy: a build in the checkout would leave root-owned build/ and *.egg-info there.
+        source = work / "services"
+        shutil.copytree(
+            ROOT / "services", source, ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__")
+        )
+        with (work / "wheel.log").open("w") as log:  # setuptools' deprecation warnings go there
+            run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(share), str(source)], stderr=log)
         wheel = next(share.glob("facepipe-*.whl")).name
         shutil.copyfile(ROOT / "services" / "constraints.txt", share / "constraints.txt")
         run([sys.executable, "-m", "facepipe.sampleclip", str(share / "sample.avi")], stdout=subprocess.DEVNULL)

@@ -142,6 +142,18 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
         "facepipe_firewall_ssh_sources: 'controller.example.net' is not an IPv4 or IPv6 address",
     ),
     (
+        "a firewall switch that is not a boolean",
+        "edge",
+        {"facepipe_firewall_enabled": "perhaps"},
+        "facepipe_firewall_enabled",
+    ),
+    (
+        "an IPv4 controller written as IPv6",
+        "all",
+        {"facepipe_firewall_enabled": True, "facepipe_firewall_ssh_sources": ["::ffff:192.0.2.10"]},
+        "facepipe_firewall_ssh_sources: write ::ffff:192.0.2.10 as its IPv4 address",
+    ),
+    (
         "a firewall source with a netmask",
         "cloud",
         {"facepipe_firewall_enabled": True, "facepipe_firewall_mqtt_sources": ["198.51.100.0/255.255.255.0"]},

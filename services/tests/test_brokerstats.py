@@ -76,3 +76,21 @@ def test_figures_that_are_not_counts_are_ignored():
         message.payload = value
         stats.on_message(message)
     assert counters.gauges()["broker_queued"] == 0  # never below zero (figures of two moments)
+
+
+def test_the_figures_stay_out_of_the_stats_and_metrics_until_the_broker_sends_them():
+    """A restarted service must not report 0 drops and then the broker's total: Prometheus would
+    read that jump as new drops."""
+    counters = Counters(["stored"], ["in_flight"], unknown=brokerstats.FIGURES)
+    assert set(counters.snapshot()) == {"stored"} and set(counters.gauges()) == {"in_flight"}
+    stats = BrokerStats(counters)
+    for topic, value in (
+        (brokerstats.DROPPED, b"7"),
+        (brokerstats.STORED, b"60"),
+        (brokerstats.RETAINED, b"55"),
+    ):
+        message = paho.MQTTMessage(topic=topic.encode())
+        message.payload = value
+        stats.on_message(message)
+    assert counters.snapshot()["broker_dropped"] == 7
+    assert counters.gauges()["broker_queued"] == 5

@@ -174,6 +174,8 @@ def scrape_program(program: str, env: dict[str, str], tmp_path: Path) -> dict[st
     log = tmp_path / f"{program}.log"
     proc = start_program(program, {**env, "FACEPIPE_METRICS_PORT": str(port)}, log=log)
 
+    names = rule_metrics(program)
+
     def ready() -> dict[str, float] | None:
         if proc.poll() is not None:
             raise AssertionError(f"exited {proc.returncode}: {log.read_text()}")
@@ -181,10 +183,11 @@ def scrape_program(program: str, env: dict[str, str], tmp_path: Path) -> dict[st
             status, text = scrape(port)
         except OSError:
             return None
-        return exposed(text) if status == 200 else None
+        # The broker's figures appear once they arrive, a moment after the port opens.
+        return exposed(text) if status == 200 and names <= set(exposed(text)) else None
 
     try:
-        values = wait_for(ready, 30, "the metrics port")
+        values = wait_for(ready, 30, "the metrics port to expose every metric the rules read")
     finally:
         proc.terminate()
         try:
@@ -192,9 +195,7 @@ def scrape_program(program: str, env: dict[str, str], tmp_path: Path) -> dict[st
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-    names = rule_metrics(program)
     assert names, f"{RULES} names no {program} metric"
-    assert names <= set(values), f"the rules read {sorted(names - set(values))}: not exposed"
     return values
 
 

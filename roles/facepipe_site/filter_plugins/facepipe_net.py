@@ -88,12 +88,15 @@ def source_problems(sources: Any, variable: str) -> list[str]:
         try:
             if "%" in text or ("/" in text and not text.split("/", 1)[1].isdigit()):
                 raise ValueError
-            ipaddress.ip_network(text, strict=False)
+            network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             problems.append(
                 f"{variable}: {item!r} is not an IPv4 or IPv6 address or address/length "
                 "(no host name, zone or netmask)"
             )
+            continue
+        if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped:
+            problems.append(f"{variable}: write {item} as its IPv4 address (the IPv4 rule would not match it)")
     return problems
 
 

@@ -11,8 +11,10 @@ Two of them tell a user what no client can see by itself:
   writer or for the bridge, acknowledgements waiting for an edge. A growing figure is a
   backlog; near the queue limit, drops follow.
 
-A broker that does not let the program read ``$SYS`` leaves both at 0 (the subscription's
-refusal is logged once per connection).
+Both are left out of the stats line and the metrics until the broker's first figures arrive
+(logged once: "the broker's figures arrive"). A Mosquitto whose ACL does not let the program
+read ``$SYS`` accepts the subscription and sends nothing: no such line, no figures. (A broker
+that refuses the subscription outright gets a WARNING once per connection.)
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ RETAINED: Final = "$SYS/broker/retained messages/count"
 
 COUNTERS: Final = ("broker_dropped",)
 GAUGES: Final = ("broker_queued",)
+# Unknown until the broker's first figures arrive: absent from the stats line and the metrics
+# until then (Counters(unknown=...)), so a restarted service never reports a false 0.
+FIGURES: Final = (*COUNTERS, *GAUGES)
 MAX_DIGITS: Final = 20  # a 64-bit count; anything longer is not a figure
 
 

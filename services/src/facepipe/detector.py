@@ -352,6 +352,7 @@ def run(argv: list[str] | None = None) -> int:
     counters = Counters(
         [*COUNTERS, *DELIVERY_COUNTERS, *brokerstats.COUNTERS],
         [*GAUGES, *outbox_gauges, *brokerstats.GAUGES],
+        unknown=brokerstats.FIGURES,
     )
     notifier = Notifier()
     stop = stop_on_signals()

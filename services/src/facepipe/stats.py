@@ -26,10 +26,15 @@ log = logging.getLogger(__name__)
 class Counters:
     """Named monotonic counters plus gauges, safe to update from any thread."""
 
-    def __init__(self, names: Iterable[str], gauges: Iterable[str] = ()) -> None:
+    def __init__(
+        self, names: Iterable[str], gauges: Iterable[str] = (), unknown: Iterable[str] = ()
+    ) -> None:
         self._lock = threading.Lock()
         self._values: dict[str, int] = dict.fromkeys(names, 0)
         self._gauges: dict[str, float] = dict.fromkeys(gauges, 0.0)
+        # Figures another program counts (set_total / set_gauge): left out of the stats line and
+        # the metrics until first known, so a restart never shows a false 0 (a reset, then a jump).
+        self._unknown: set[str] = set(unknown)
 
     def inc(self, name: str, amount: int = 1) -> None:
         with self._lock:
@@ -39,10 +44,12 @@ class Counters:
         """Set a counter that another program counts (e.g. the broker's drops since it started)."""
         with self._lock:
             self._values[name] = value
+            self._unknown.discard(name)
 
     def set_gauge(self, name: str, value: float) -> None:
         with self._lock:
             self._gauges[name] = value
+            self._unknown.discard(name)
 
     def get(self, name: str) -> int:
         with self._lock:
@@ -50,11 +57,11 @@ class Counters:
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return dict(self._values)
+            return {k: v for k, v in self._values.items() if k not in self._unknown}
 
     def gauges(self) -> dict[str, float]:
         with self._lock:
-            return dict(self._gauges)
+            return {k: v for k, v in self._gauges.items() if k not in self._unknown}
 
 
 class _Collector(Collector):

@@ -654,7 +654,11 @@ def run(argv: list[str] | None = None) -> int:
     settings = build_settings(cfg.mqtt)
     setup_logging(cfg.logging.log_level)
 
-    counters = Counters([*COUNTERS, *brokerstats.COUNTERS], [*GAUGES, *brokerstats.GAUGES])
+    counters = Counters(
+        [*COUNTERS, *brokerstats.COUNTERS],
+        [*GAUGES, *brokerstats.GAUGES],
+        unknown=brokerstats.FIGURES,
+    )
     try:
         store = S3Store(cfg.s3_bucket, workers=cfg.workers)
     except (ValueError, BotoCoreError) as exc:  # e.g. a malformed AWS_ENDPOINT_URL
