@@ -200,7 +200,9 @@ def timed(argv: list[str], env: dict[str, str], log: Path) -> float:
     """Run to the end; the child's CPU seconds (user + system)."""
     before = os.times()
     with log.open("w") as out:
-        subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT, check=True, timeout=900)
+        done = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT, check=False, timeout=900)
+    if done.returncode != 0:
+        raise SystemExit(f"arm64: {argv[-1]} exited {done.returncode}:\n{log.read_text()[-3000:]}")
     after = os.times()
     return (after.children_user - before.children_user) + (after.children_system - before.children_system)
 
@@ -211,10 +213,10 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("arm64: run as root (debootstrap, chroot, mounts)")
-    if os.environ.get("FACEPIPE_ARM64_NS") != "1":
+    if os.environ.get("CHECK_ARM64_UNSHARED") != "1":
         # A mount namespace of its own: the chroot's mounts (/dev bound in) vanish with this process,
         # however it ends, and never show on the host.
-        os.environ["FACEPIPE_ARM64_NS"] = "1"
+        os.environ["CHECK_ARM64_UNSHARED"] = "1"
         argv = ["unshare", "--mount", "--propagation", "private", sys.executable, *sys.argv]
         os.execvp("unshare", argv)
     started = time.monotonic()
