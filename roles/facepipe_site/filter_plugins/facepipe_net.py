@@ -91,8 +91,7 @@ def source_problems(sources: Any, variable: str) -> list[str]:
             network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             problems.append(
-                f"{variable}: {item!r} is not an IPv4 or IPv6 address or address/length "
-                "(no host name, zone or netmask)"
+                f"{variable}: {item!r} is not an IPv4 or IPv6 address or address/length (no host name, zone or netmask)"
             )
             continue
         if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped:

@@ -258,6 +258,7 @@ class MqttSession:
             flags.session_present,
         )
         self._ever_connected = True
+        self._suback.clear()  # SUBACKs a lost connection never got (paho does not send those again)
         for topic, qos in self.subscriptions:
             result, mid = client.subscribe(topic, qos=qos)
             if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
